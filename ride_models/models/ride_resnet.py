@@ -1,0 +1,1062 @@
+"""RIDE ResNets: a shared trunk, several experts, a normalised classifier per expert, and a router.
+
+RIDE (Wang et al., "Long-tailed Recognition by Routing Diverse Distribution-Aware Experts", ICLR 2021)
+splits a ResNet in two. The stem and the early stages are **shared**; the last two stages and the
+classifier are replicated into E **experts** of reduced width. The prediction is the mean of the experts'
+logits, and a **router** (paper section 3.3, ``ride_models.router``) lets confident samples stop after
+the first experts.
+
+Families, as in the official code (``../shared/reference/official_ride/README.md`` describes them):
+
+==================  =========================  ==============================  ======================
+family              shared                     per expert                      classifier input D
+==================  =========================  ==============================  ======================
+ResNet-32 (CIFAR)   3x3 stem, layer1 (16)      layer2 (24), layer3 (48)        48
+ResNet-10           7x7 stem, layer1, layer2   layer3 (192), layer4 (384)      384
+ResNet-50           7x7 stem, layer1, layer2   layer3 (192x4), layer4 (384x4)  1536
+ResNeXt-50 32x4d    7x7 stem, layer1, layer2   layer3, layer4 (grouped 3x3)    1536
+==================  =========================  ==============================  ======================
+
+State-dict layout (``ride_models.convert`` maps the official one onto it)::
+
+    conv1, bn1, layer1[, layer2]          the shared trunk
+    experts.{e}.layer{k}                  expert e's two stages
+    heads.{e}.weight [C, D]               expert e's normalised classifier (nn.Linear layout)
+    router.hidden.{i}, router.fc          the router's decisions and shared output layer
+    router.trained                        whether the router has been fitted (switches routing on)
+"""
+
+# No `from __future__ import annotations`: TorchScript needs the NamedTuple annotations as real types.
+import re
+import warnings
+from collections import OrderedDict
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Type, Union
+
+import torch
+import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, SelectAdaptivePool2d
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from torch import nn
+
+from ride_models.router import ExpertRouter
+
+__all__ = [
+    "BasicBlock",
+    "Bottleneck",
+    "NormedLinear",
+    "RIDEOutput",
+    "RIDEResNet",
+    "RoutedOutput",
+    "RouterTrainOutput",
+    "summarize_state_dict",
+]
+
+# The official CIFAR loaders normalise CIFAR-100 with CIFAR-10 statistics as well (reference quirk 12).
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2023, 0.1994, 0.2010)
+
+
+class RIDEOutput(NamedTuple):
+    """Train-mode output with ``set_expert_training(True)``: what the RIDE losses need."""
+
+    logits: torch.Tensor  # [B, C], mean over experts
+    expert_logits: torch.Tensor  # [B, E, C], each expert's logits (already scaled by s)
+
+
+class RoutedOutput(NamedTuple):
+    """Output of routed inference (:meth:`RIDEResNet.route`)."""
+
+    logits: torch.Tensor  # [B, C], mean over the experts each sample used
+    num_experts: torch.Tensor  # [B] int64, experts used per sample
+    router_logits: torch.Tensor  # [B, E-1], NaN where a sample stopped before that decision
+
+
+class RouterTrainOutput(NamedTuple):
+    """Output of the router's training path (:meth:`RIDEResNet.forward_router_train`)."""
+
+    logits: torch.Tensor  # [B, C], mean over all experts
+    router_logits: torch.Tensor  # [B, E-1], every decision on every sample
+    help_targets: Optional[torch.Tensor]  # [B, E-1] bool (paper equation 5), None without targets
+
+
+def _check_input(x: torch.Tensor, in_chans: int) -> None:
+    if x.dim() != 4:
+        raise ValueError(f"expected an image batch of shape [B, {in_chans}, H, W], got {list(x.shape)}")
+    if x.shape[1] != in_chans:
+        raise ValueError(
+            f"expected an image batch of shape [B, {in_chans}, H, W], got {list(x.shape)}; "
+            f"create the model with in_chans={x.shape[1]} for {x.shape[1]}-channel images"
+        )
+
+
+torch.fx.wrap("_check_input")  # a leaf for FX: its data-dependent branch is not traced
+
+
+class NormedLinear(nn.Module):
+    """Cosine classifier: ``scale * cos(x, w_c)`` for every class c (the official ``NormedLinear``).
+
+    Features and class weights are L2-normalised, so logits lie in ``[-scale, scale]``; RIDE uses
+    ``scale = 30`` and applies it here, inside the model, as the official backbone does. The weight is
+    stored as ``[num_classes, in_features]`` (the nn.Linear layout; the official layout is transposed).
+    """
+
+    def __init__(self, in_features: int, out_features: int, scale: float = 30.0) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.scale = scale
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # Official init: uniform(-1, 1), then every class vector rescaled to unit length.
+        with torch.no_grad():
+            self.weight.uniform_(-1.0, 1.0)
+            self.weight.div_(self.weight.norm(dim=1, keepdim=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * F.linear(F.normalize(x, dim=1), F.normalize(self.weight, dim=1))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, scale={self.scale}"
+
+
+class ShortcutA(nn.Module):
+    """Parameter-free "option A" shortcut of the CIFAR ResNets (He et al. 2016).
+
+    Keeps every second row and column and zero-pads the channels equally on both sides.
+    """
+
+    def __init__(self, in_chs: int, out_chs: int, stride: int) -> None:
+        super().__init__()
+        if (out_chs - in_chs) % 2 or out_chs < in_chs:
+            raise ValueError(f"option-A shortcut needs an even channel increase, got {in_chs} -> {out_chs}")
+        self.stride = stride
+        self.pad = (out_chs - in_chs) // 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride != 1:
+            x = x[:, :, :: self.stride, :: self.stride]
+        return F.pad(x, (0, 0, 0, 0, self.pad, self.pad))
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions with a residual connection (stride on the first)."""
+
+    expansion = 1
+
+    def __init__(
+        self,
+        in_chs: int,
+        planes: int,
+        stride: int = 1,
+        downsample: Optional[nn.Module] = None,
+        groups: int = 1,
+        base_width: int = 64,
+        drop_path: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if groups != 1 or base_width != 64:
+            raise ValueError("BasicBlock supports only groups=1 and base_width=64")
+        self.conv1 = nn.Conv2d(in_chs, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.act1 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.act2 = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        x = self.act1(self.bn1(self.conv1(x)))
+        x = self.bn2(self.conv2(x))
+        if self.downsample is not None:
+            shortcut = self.downsample(shortcut)
+        return self.act2(self.drop_path(x) + shortcut)
+
+
+class Bottleneck(nn.Module):
+    """1x1 reduce, 3x3 (stride, groups), 1x1 expand to ``planes * 4``, with a residual connection."""
+
+    expansion = 4
+
+    def __init__(
+        self,
+        in_chs: int,
+        planes: int,
+        stride: int = 1,
+        downsample: Optional[nn.Module] = None,
+        groups: int = 1,
+        base_width: int = 64,
+        drop_path: float = 0.0,
+    ) -> None:
+        super().__init__()
+        width = int(planes * (base_width / 64.0)) * groups
+        out_chs = planes * self.expansion
+        self.conv1 = nn.Conv2d(in_chs, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.act1 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, groups=groups, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.act2 = nn.ReLU(inplace=True)
+        self.conv3 = nn.Conv2d(width, out_chs, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_chs)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.act3 = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        x = self.act1(self.bn1(self.conv1(x)))
+        x = self.act2(self.bn2(self.conv2(x)))
+        x = self.bn3(self.conv3(x))
+        if self.downsample is not None:
+            shortcut = self.downsample(shortcut)
+        return self.act3(self.drop_path(x) + shortcut)
+
+
+BlockType = Union[Type[BasicBlock], Type[Bottleneck]]
+
+
+def _make_stage(
+    block: BlockType,
+    in_chs: int,
+    planes: int,
+    num_blocks: int,
+    stride: int,
+    shortcut: str,
+    groups: int,
+    base_width: int,
+    drop_path_rates: Sequence[float],
+) -> nn.Sequential:
+    out_chs = planes * block.expansion
+    downsample: Optional[nn.Module] = None
+    if stride != 1 or in_chs != out_chs:
+        if shortcut == "A":
+            downsample = ShortcutA(in_chs, out_chs, stride)
+        else:
+            downsample = nn.Sequential(
+                nn.Conv2d(in_chs, out_chs, 1, stride=stride, bias=False), nn.BatchNorm2d(out_chs)
+            )
+    blocks = []
+    for i in range(num_blocks):
+        blocks.append(
+            block(
+                in_chs if i == 0 else out_chs,
+                planes,
+                stride=stride if i == 0 else 1,
+                downsample=downsample if i == 0 else None,
+                groups=groups,
+                base_width=base_width,
+                drop_path=drop_path_rates[i],
+            )
+        )
+    return nn.Sequential(*blocks)
+
+
+def _take_indices(num_levels: int, indices: Optional[Union[int, Sequence[int]]]) -> Tuple[List[int], int]:
+    """Feature levels to return: the last ``indices`` if an int, all if None, else those listed."""
+    if indices is None:
+        indices = num_levels
+    if isinstance(indices, int):
+        if not 0 < indices <= num_levels:
+            raise ValueError(f"ask for 1 to {num_levels} feature levels, got {indices}")
+        take = list(range(num_levels - indices, num_levels))
+    else:
+        take = [num_levels + i if i < 0 else i for i in indices]
+        bad = [i for i in take if not 0 <= i < num_levels]
+        if bad:
+            raise ValueError(f"feature indices {list(indices)} out of range for {num_levels} levels")
+    return take, max(take)
+
+
+class RIDEResNet(nn.Module):
+    """A ResNet with a shared trunk, E experts (the last two stages and a classifier each) and a router.
+
+    Args:
+        block: ``BasicBlock`` or ``Bottleneck``.
+        layers: Blocks per stage; 3 stages (CIFAR) or 4 (ImageNet). The last two stages are per expert.
+        planes: Planes per stage (an expert stage's output has ``planes * block.expansion`` channels).
+        num_experts: Number of experts E.
+        num_classes: Number of classes C (0 removes the classifiers: the model returns features).
+        in_chans: Input channels.
+        stem: ``"cifar"`` (3x3 conv, no max-pool) or ``"imagenet"`` (7x7 stride-2 conv and max-pool).
+        shortcut: ``"A"`` (parameter-free, CIFAR) or ``"B"`` (1x1 conv + BN projection).
+        groups: Groups of the 3x3 convolutions in bottlenecks (32 for ResNeXt-50 32x4d).
+        base_width: Width per group in bottlenecks (4 for ResNeXt-50 32x4d).
+        use_norm: Normalised (cosine) classifiers scaled by ``scale``; False gives ``nn.Linear`` heads with
+            bias and scale 1, as the official ``use_norm=False``.
+        scale: The logit scale s of the normalised classifiers (30 in RIDE).
+        router_top_k: Number of largest mean logits the router sees (capped at ``num_classes``).
+        router_hidden_dim: Width of each routing decision's hidden layer.
+        drop_rate: Dropout before each classifier.
+        drop_path_rate: Stochastic depth rate, growing linearly over the blocks of a path.
+        global_pool: ``"avg"`` or ``""`` (no pooling, only with ``num_classes=0``).
+    """
+
+    __jit_unused_properties__ = ["routing"]
+
+    def __init__(
+        self,
+        block: BlockType,
+        layers: Sequence[int],
+        planes: Sequence[int],
+        num_experts: int = 3,
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        stem: str = "imagenet",
+        shortcut: str = "B",
+        groups: int = 1,
+        base_width: int = 64,
+        use_norm: bool = True,
+        scale: float = 30.0,
+        router_top_k: int = 30,
+        router_hidden_dim: int = 16,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        global_pool: str = "avg",
+    ) -> None:
+        super().__init__()
+        if len(layers) not in (3, 4) or len(planes) != len(layers):
+            raise ValueError(
+                f"layers and planes need 3 (CIFAR) or 4 (ImageNet) stages, got {layers}, {planes}"
+            )
+        if num_experts < 1:
+            raise ValueError(f"num_experts must be at least 1, got {num_experts}")
+        if stem not in ("cifar", "imagenet"):
+            raise ValueError(f"stem must be 'cifar' or 'imagenet', got {stem!r}")
+        if shortcut not in ("A", "B"):
+            raise ValueError(f"shortcut must be 'A' or 'B', got {shortcut!r}")
+        self.num_experts = num_experts
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.use_norm = use_norm
+        self.scale = scale if use_norm else 1.0
+        self.router_top_k = router_top_k
+        self.grad_checkpointing = False
+        self.expert_training = False
+        self.router_training = False
+        # Routing mode: "auto" follows the router's trained flag; "k" runs the first `_routing_k` experts.
+        self._routing_mode = "auto"
+        self._routing_k = num_experts
+        self.routing_threshold = 0.5
+
+        # Stem.
+        stem_width = planes[0]
+        if stem == "cifar":
+            self.conv1 = nn.Conv2d(in_chans, stem_width, 3, padding=1, bias=False)
+            self.maxpool: nn.Module = nn.Identity()
+            reduction = 1
+        else:
+            self.conv1 = nn.Conv2d(in_chans, stem_width, 7, stride=2, padding=3, bias=False)
+            self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+            reduction = 2
+        self.bn1 = nn.BatchNorm2d(stem_width)
+        self.act1 = nn.ReLU(inplace=True)
+        self.feature_info = [dict(num_chs=stem_width, reduction=reduction, module="act1")]
+        if stem == "imagenet":
+            reduction *= 2  # max-pool
+
+        # Stages: all but the last two are shared; the last two belong to every expert.
+        num_shared = len(layers) - 2
+        stage_kwargs = dict(shortcut=shortcut, groups=groups, base_width=base_width)
+        depth = sum(layers)
+        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
+        in_chs, first_block = stem_width, 0
+        shared: List[nn.Sequential] = []
+        expert_stages: List[Tuple[str, BlockType, int, int, int, int, List[float]]] = []
+        for i, (n, p) in enumerate(zip(layers, planes)):
+            stride = 1 if i == 0 else 2
+            reduction *= stride
+            rates = dpr[first_block : first_block + n]
+            out_chs = p * block.expansion
+            if i < num_shared:
+                shared.append(_make_stage(block, in_chs, p, n, stride, drop_path_rates=rates, **stage_kwargs))
+                module = f"layer{i + 1}"
+                num_chs = out_chs
+            else:
+                expert_stages.append((f"layer{i + 1}", block, in_chs, p, n, stride, rates))
+                module = f"experts.layer{i + 1}"  # the experts' maps, concatenated along channels
+                num_chs = out_chs * num_experts
+            self.feature_info.append(dict(num_chs=num_chs, reduction=reduction, module=module))
+            in_chs, first_block = out_chs, first_block + n
+        self.layer1 = shared[0]
+        # ImageNet models share layer2; CIFAR models have one per expert, under experts.{e}.layer2.
+        self.layer2: Optional[nn.Sequential] = shared[1] if num_shared > 1 else None
+        self.experts = nn.ModuleList(
+            [
+                nn.Sequential(
+                    OrderedDict(
+                        (name, _make_stage(blk, c, p, n, s, drop_path_rates=r, **stage_kwargs))
+                        for name, blk, c, p, n, s, r in expert_stages
+                    )
+                )
+                for _ in range(num_experts)
+            ]
+        )
+        self.expert_dim = in_chs
+        self.num_features = self.head_hidden_size = in_chs * num_experts
+
+        self.global_pool = self._make_pool(global_pool, num_classes)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.heads = nn.ModuleList([self._make_head(num_classes) for _ in range(num_experts)])
+        self.router = self._make_router(num_classes)
+        self._init_weights(stem)
+        self._update_trainable()
+
+    # ----------------------------------------------------------------------------------------- building
+    def _make_pool(self, global_pool: str, num_classes: int) -> SelectAdaptivePool2d:
+        if global_pool not in ("avg", ""):
+            raise ValueError(
+                f"global_pool must be 'avg' or '' (the router reads averaged features); got {global_pool!r}"
+            )
+        if not global_pool and num_classes:
+            raise ValueError(
+                "global_pool='' (no pooling) needs num_classes=0: the classifiers need pooled features"
+            )
+        return SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
+
+    def _make_head(self, num_classes: int) -> nn.Module:
+        if num_classes <= 0:
+            return nn.Identity()
+        if self.use_norm:
+            return NormedLinear(self.expert_dim, num_classes, scale=self.scale)
+        return nn.Linear(self.expert_dim, num_classes)
+
+    def _make_router(self, num_classes: int) -> ExpertRouter:
+        top_k = min(self.router_top_k, num_classes) if num_classes > 0 else self.router_top_k
+        return ExpertRouter(self.num_experts, self.expert_dim, top_k)
+
+    def _init_weights(self, stem: str) -> None:
+        # The official initialisations: CIFAR ResNets use Kaiming-normal (fan-in) on every conv and linear
+        # layer, the ImageNet ResNets normal(0, sqrt(2 / (k * k * out_channels))), i.e. fan-out. BN: 1, 0.
+        # The router keeps PyTorch's default init, as in the official ImageNet EA models.
+        for name, m in self.named_modules():
+            if name.startswith("router"):
+                continue
+            if isinstance(m, nn.Conv2d):
+                mode = "fan_in" if stem == "cifar" else "fan_out"
+                nn.init.kaiming_normal_(m.weight, mode=mode, nonlinearity="relu")
+            elif isinstance(m, nn.Linear) and stem == "cifar":
+                nn.init.kaiming_normal_(m.weight)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    # -------------------------------------------------------------------------------------- timm API
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        return dict(
+            stem=r"^conv1|^bn1",
+            blocks=[
+                (r"^layer(\d+)" if coarse else r"^layer(\d+)\.(\d+)", None),
+                (r"^experts\.\d+\.layer(\d+)" if coarse else r"^experts\.\d+\.layer(\d+)\.(\d+)", None),
+            ],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.ModuleList:
+        """The experts' classifiers (one per expert)."""
+        return self.heads
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """Replace every expert's classifier; the router is rebuilt untrained, as its inputs change."""
+        self.global_pool = self._make_pool(
+            self.global_pool.pool_type if global_pool is None else global_pool, num_classes
+        )
+        self.num_classes = num_classes
+        self.heads = nn.ModuleList([self._make_head(num_classes) for _ in range(self.num_experts)])
+        device = self.conv1.weight.device
+        self.router = self._make_router(num_classes).to(device)
+        self._update_trainable()
+
+    # ------------------------------------------------------------------------------------- routing API
+    @property
+    def routing(self) -> Union[str, int]:
+        """Current routing: ``"all"``, ``"router"`` or the number k of experts every sample uses."""
+        if self._use_router():
+            return "router"
+        return "all" if self._routing_k == self.num_experts else self._routing_k
+
+    @torch.jit.ignore
+    def set_routing(self, mode: Union[str, int, None], threshold: Optional[float] = None) -> None:
+        """Choose how inference (eval mode) combines the experts.
+
+        Args:
+            mode: ``"all"`` (mean of every expert), ``"router"`` (the router decides per sample), an int k
+                (the first k experts for everyone), or None (the default: ``"router"`` once the router has
+                been trained, ``"all"`` before).
+            threshold: Router probability above which a sample moves on to the next expert (default 0.5).
+        """
+        if threshold is not None:
+            if not 0.0 < float(threshold) < 1.0:
+                raise ValueError(f"routing threshold must be in (0, 1), got {threshold}")
+            self.routing_threshold = float(threshold)
+        if mode is None or mode == "all":
+            self._routing_mode, self._routing_k = ("auto" if mode is None else "all"), self.num_experts
+        elif mode == "router":
+            if self.num_classes <= 0:
+                raise ValueError("routing needs classifier logits; this model has num_classes=0")
+            if not self.router.is_trained:
+                warnings.warn(
+                    "set_routing('router') with an untrained router: its decisions are arbitrary "
+                    "until stage 2 (train.py --stage router) has fitted it",
+                    stacklevel=2,
+                )
+            self._routing_mode, self._routing_k = "router", self.num_experts
+        elif isinstance(mode, int) and not isinstance(mode, bool):
+            if not 1 <= mode <= self.num_experts:
+                raise ValueError(
+                    f"routing k={mode} is out of range: this model has {self.num_experts} experts, "
+                    f"so k must be between 1 and {self.num_experts}"
+                )
+            self._routing_mode, self._routing_k = "k", mode
+        else:
+            raise ValueError(
+                f"unknown routing mode {mode!r}: expected 'all', 'router', None, or an int k with "
+                f"1 <= k <= {self.num_experts}"
+            )
+
+    @torch.jit.ignore
+    def set_expert_training(self, enable: bool = True) -> None:
+        """In train mode, make ``forward`` return ``RIDEOutput(logits, expert_logits)`` (for the losses)."""
+        self.expert_training = enable
+
+    @torch.jit.ignore
+    def set_router_training(self, enable: bool = True) -> None:
+        """Switch between the two training stages of RIDE.
+
+        Stage 1 (the default, ``enable=False``): the experts train, the router's parameters are frozen: the
+        classification forward does not use them, and frozen parameters keep DistributedDataParallel and
+        weight decay away from them. Stage 2 (``enable=True``): only the router trains, with
+        :meth:`forward_router_train`; every other parameter is frozen and, in train mode, everything but the
+        router stays in eval mode (batch norm uses its running statistics), as in the official EA stage.
+        """
+        self.router_training = enable
+        self._update_trainable()
+        self.train(self.training)
+
+    def _update_trainable(self) -> None:
+        for name, p in self.named_parameters():
+            p.requires_grad_(name.startswith("router.") == self.router_training)
+
+    def train(self, mode: bool = True) -> "RIDEResNet":
+        super().train(mode)
+        if mode and self.router_training:
+            for name, child in self.named_children():
+                if name != "router":
+                    child.eval()
+        return self
+
+    def _use_router(self) -> bool:
+        return self._routing_mode == "router" or (self._routing_mode == "auto" and self.router.is_trained)
+
+    # ------------------------------------------------------------------------------------------ forward
+    def forward_shared(self, x: torch.Tensor) -> torch.Tensor:
+        """The shared trunk: stem and shared stages. ``[B, in_chans, H, W]`` -> ``[B, C_s, H', W']``."""
+        x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.layer1, x)
+            if self.layer2 is not None:
+                x = checkpoint_seq(self.layer2, x)
+        else:
+            x = self.layer1(x)
+            if self.layer2 is not None:
+                x = self.layer2(x)
+        return x
+
+    def _expert_maps(self, x: torch.Tensor, num_experts: int) -> List[torch.Tensor]:
+        """Feature maps ``[B, D, h, w]`` of the first ``num_experts`` experts."""
+        shared = self.forward_shared(x)
+        maps: List[torch.Tensor] = []
+        for i, expert in enumerate(self.experts):
+            if i < num_experts:
+                if self.grad_checkpointing and not torch.jit.is_scripting():
+                    maps.append(checkpoint_seq(expert, shared, flatten=True))
+                else:
+                    maps.append(expert(shared))
+        return maps
+
+    def _classify(self, pooled: List[torch.Tensor]) -> torch.Tensor:
+        """Expert logits ``[B, k, C]`` from the pooled features ``[B, D]`` of the first k experts."""
+        logits: List[torch.Tensor] = []
+        for i, head in enumerate(self.heads):
+            if i < len(pooled):
+                logits.append(head(self.head_drop(pooled[i])))
+        return torch.stack(logits, dim=1)
+
+    def _split_experts(self, pooled: torch.Tensor) -> List[torch.Tensor]:
+        """``[B, E * D]`` -> E tensors ``[B, D]`` (slices rather than torch.split, which FX cannot unpack)."""
+        d = self.expert_dim
+        return [pooled[:, i * d : (i + 1) * d] for i in range(self.num_experts)]
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Every expert's final feature map, concatenated along channels: ``[B, E * D, h, w]``."""
+        return torch.cat(self._expert_maps(x, self.num_experts), dim=1)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pool, classify with each expert's head and average: ``[B, E * D, h, w]`` -> ``[B, C]``.
+
+        With ``pre_logits=True`` (or ``num_classes=0``) returns the pooled features ``[B, E * D]``.
+        """
+        x = self.global_pool(x)
+        if pre_logits or self.num_classes <= 0:
+            return x
+        return self._classify(self._split_experts(x)).mean(dim=1)
+
+    def forward_experts(self, x: torch.Tensor, num_experts: Optional[int] = None) -> torch.Tensor:
+        """Logits of every expert (or of the first ``num_experts``): ``[B, E, C]``, already scaled by s."""
+        if self.num_classes <= 0:
+            raise RuntimeError("forward_experts needs classifiers; this model has num_classes=0")
+        k = self.num_experts if num_experts is None else num_experts
+        return self._classify([self.global_pool(m) for m in self._expert_maps(x, k)])
+
+    def forward(self, x: torch.Tensor) -> Union[torch.Tensor, RIDEOutput]:
+        """``[B, C]`` logits; in train mode with ``set_expert_training(True)``, a :class:`RIDEOutput`.
+
+        In eval mode the routing set by :meth:`set_routing` applies; training always uses every expert.
+        """
+        _check_input(x, self.in_chans)
+        if not self.training and self.num_classes > 0:
+            if self._use_router():
+                return self.forward_routed(x)[0]
+            if self._routing_k < self.num_experts:
+                return self.forward_experts(x, self._routing_k).mean(dim=1)
+        features = self.forward_features(x)
+        if self.training and self.expert_training and self.num_classes > 0:
+            expert_logits = self._classify(self._split_experts(self.global_pool(features)))
+            return RIDEOutput(expert_logits.mean(dim=1), expert_logits)
+        return self.forward_head(features)
+
+    # ---------------------------------------------------------------------------------- router paths
+    @torch.jit.unused
+    def route(self, x: torch.Tensor, threshold: Optional[float] = None) -> RoutedOutput:
+        """Routed inference (the official EA cascade): later experts run only for samples that continue.
+
+        Every sample uses expert 0. Before expert i (i >= 1) runs, decision i-1 looks at the samples still
+        active; those whose router probability is above ``threshold`` run expert i, the others stop. The
+        prediction is the mean of the logits of the experts a sample used.
+        """
+        if self.num_classes <= 0:
+            raise RuntimeError("routed inference needs classifiers; this model has num_classes=0")
+        threshold = self.routing_threshold if threshold is None else threshold
+        shared = self.forward_shared(x)
+        batch = shared.shape[0]
+        active = torch.arange(batch, device=shared.device)  # indices of the samples still routed on
+        features = self.global_pool(self.experts[0](shared))  # [n_active, D]
+        running_sum = self.heads[0](features)  # [n_active, C], sum of the logits of the experts used so far
+        logit_sum = running_sum.clone()  # [B, C]
+        num_experts = torch.ones(batch, dtype=torch.long, device=shared.device)
+        router_logits = running_sum.new_full((batch, self.num_experts - 1), float("nan"))
+        for i in range(1, self.num_experts):
+            z = self.router.decision(i - 1, features, running_sum / i)  # [n_active]
+            router_logits[active, i - 1] = z
+            keep = torch.sigmoid(z) > threshold
+            if not bool(keep.any()):
+                break
+            active = active[keep]
+            features = self.global_pool(self.experts[i](shared[active]))
+            running_sum = running_sum[keep] + self.heads[i](features)
+            logit_sum[active] = running_sum
+            num_experts[active] += 1
+        return RoutedOutput(
+            logit_sum / num_experts.unsqueeze(1).to(logit_sum.dtype), num_experts, router_logits
+        )
+
+    @torch.jit.unused
+    def forward_routed(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Routed prediction ``[B, C]`` and the number of experts each sample used ``[B]`` (int64)."""
+        out = self.route(x)
+        return out.logits, out.num_experts
+
+    @torch.jit.unused
+    def forward_router_train(
+        self, x: torch.Tensor, target: Optional[torch.Tensor] = None
+    ) -> RouterTrainOutput:
+        """The router's training path (stage 2): every expert on every sample, every decision taken.
+
+        Returns the mean logits ``[B, C]``, the router logits ``[B, E-1]`` and, given ``target`` ``[B]``,
+        the help targets ``[B, E-1]`` of the paper's equation 5 as the official code builds them:
+        decision i should send a sample on when the mean of experts 0..i gets it wrong and some later
+        running mean (experts 0..j, j > i) gets it right.
+        """
+        if self.num_classes <= 0:
+            raise RuntimeError("the router's training path needs classifiers; this model has num_classes=0")
+        pooled = [self.global_pool(m) for m in self._expert_maps(x, self.num_experts)]
+        expert_logits = self._classify(pooled)  # [B, E, C]
+        running_sum = expert_logits[:, 0]
+        sums = [running_sum]
+        for i in range(1, self.num_experts):
+            running_sum = running_sum + expert_logits[:, i]
+            sums.append(running_sum)
+        router_logits = torch.stack(
+            [self.router.decision(i, pooled[i], sums[i] / (i + 1)) for i in range(self.num_experts - 1)],
+            dim=1,
+        )
+        help_targets = None
+        if target is not None:
+            correct = torch.stack([s.argmax(dim=1) == target for s in sums], dim=1)  # [B, E]
+            # Suffix "any" over later experts: later[:, i] = correct[:, i+1:].any(1).
+            later = correct.flip(1).cumsum(1).flip(1).gt(0)[:, 1:]
+            help_targets = ~correct[:, :-1] & later
+        return RouterTrainOutput(running_sum / self.num_experts, router_logits, help_targets)
+
+    # ------------------------------------------------------------------------------ feature extraction
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, List[int]]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """timm's intermediate-feature API. Levels: stem, then each stage; an expert stage's level is the
+        experts' maps concatenated along channels (``feature_info`` gives the widths)."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        take, max_index = _take_indices(len(self.feature_info), indices)
+        intermediates = []
+        x = self.act1(self.bn1(self.conv1(x)))
+        if 0 in take:
+            intermediates.append(x)
+        x = self.maxpool(x)
+        level = 0
+        shared_stages = [self.layer1] if self.layer2 is None else [self.layer1, self.layer2]
+        for stage in shared_stages:
+            level += 1
+            if stop_early and level > max_index:
+                break
+            x = stage(x)
+            if level in take:
+                intermediates.append(x)
+        maps = [x] * self.num_experts
+        for j in range(len(self.experts[0])):
+            level += 1
+            if stop_early and level > max_index:
+                break
+            maps = [expert[j](m) for expert, m in zip(self.experts, maps)]
+            if level in take:
+                intermediates.append(torch.cat(maps, dim=1))
+        if intermediates_only:
+            return intermediates
+        return torch.cat(maps, dim=1), intermediates
+
+    def prune_intermediate_layers(
+        self, indices: Union[int, List[int]] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> List[int]:
+        """Drop the stages after the last requested feature level (and the heads)."""
+        take, max_index = _take_indices(len(self.feature_info), indices)
+        num_shared = 1 if self.layer2 is None else 2
+        if max_index < 1:
+            self.layer1 = nn.Sequential()
+        if max_index < 2 and self.layer2 is not None:
+            self.layer2 = nn.Sequential()
+        for j in range(len(self.experts[0])):
+            if num_shared + 1 + j > max_index:
+                for expert in self.experts:
+                    expert[j] = nn.Sequential()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take
+
+    # -------------------------------------------------------------------------------- state dict checks
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict``, with an explanation when a strict load would fail: which
+        architecture, expert count or class count the state dict is for, and which keys differ."""
+        if strict:
+            problem = _describe_mismatch(self, state_dict)
+            if problem:
+                raise RuntimeError(problem)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# State-dict inspection (shared by load_state_dict and ride_models.convert)
+
+_FAMILIES = {
+    # (stem kernel, bottleneck, grouped, blocks per stage) -> family
+    (3, False, False, (5, 5, 5)): "resnet32",
+    (7, False, False, (1, 1, 1, 1)): "resnet10",
+    (7, True, False, (3, 4, 6, 3)): "resnet50",
+    (7, True, True, (3, 4, 6, 3)): "resnext50",
+}
+
+
+def summarize_state_dict(state_dict: Dict[str, torch.Tensor]) -> Dict[str, Any]:
+    """What a state dict in our layout is for: ``family``, ``num_experts`` and ``num_classes``.
+
+    ``family`` is ``"resnet32"``, ``"resnet10"``, ``"resnet50"``, ``"resnext50"`` or a description of the
+    blocks when it is none of them; entries are None where the state dict does not say.
+    """
+    stem = state_dict.get("conv1.weight")
+    experts = {int(m.group(1)) for k in state_dict if (m := re.match(r"experts\.(\d+)\.", k))}
+    blocks: Dict[int, set] = {}
+    for k in state_dict:
+        m = re.match(r"(?:experts\.0\.)?layer(\d+)\.(\d+)\.", k)
+        if m and (not k.startswith("experts.") or k.startswith("experts.0.")):
+            blocks.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+    layout = tuple(len(blocks[i]) for i in sorted(blocks))
+    bottleneck = "layer1.0.conv3.weight" in state_dict
+    conv2 = state_dict.get("layer1.0.conv2.weight")
+    grouped = conv2 is not None and conv2.ndim == 4 and conv2.shape[1] != conv2.shape[0]
+    family = None
+    if stem is not None and stem.ndim == 4:
+        key = (stem.shape[-1], bottleneck, grouped, layout)
+        family = _FAMILIES.get(key) or (
+            f"{'bottleneck' if bottleneck else 'basic'}-block ResNet with blocks {list(layout)} "
+            f"and a {stem.shape[-1]}x{stem.shape[-1]} stem"
+        )
+    head = state_dict.get("heads.0.weight")
+    return dict(
+        family=family,
+        num_experts=len(experts) or None,
+        num_classes=int(head.shape[0]) if head is not None and head.ndim == 2 else None,
+    )
+
+
+def _list_keys(keys: Sequence[str], limit: int = 12) -> str:
+    keys = sorted(keys)
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def _describe_mismatch(model: RIDEResNet, state_dict: Dict[str, torch.Tensor]) -> Optional[str]:
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes = [
+        f"{k}: given {tuple(state_dict[k].shape)}, expected {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state_dict
+        and hasattr(state_dict[k], "shape")
+        and tuple(state_dict[k].shape) != tuple(v.shape)
+    ]
+    if not (missing or unexpected or shapes):
+        return None
+    name = getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
+    if any(
+        k.startswith(("backbone.", "module.")) or re.match(r"(layer\d+s|linears)\.", k) for k in state_dict
+    ):
+        return (
+            f"this state dict is in the official RIDE layout (keys such as {_list_keys(unexpected, 3)}); "
+            f"convert it first: ride_models.convert.convert_official_state_dict(state_dict, {name!r})"
+        )
+    given, expected = summarize_state_dict(state_dict), summarize_state_dict(own)
+    lines = [f"the state dict does not fit {name}."]
+    for field, label in (("family", "architecture"), ("num_experts", "experts"), ("num_classes", "classes")):
+        if given[field] is not None and given[field] != expected[field]:
+            lines.append(f"  {label}: the state dict has {given[field]}, the model has {expected[field]}")
+    if given["num_classes"] not in (None, expected["num_classes"]):
+        lines.append(
+            f"  create the model with num_classes={given['num_classes']}, or load with strict=False "
+            f"after dropping the heads.* and router.* keys to fine-tune a new head"
+        )
+    if missing:
+        lines.append(f"  missing keys ({len(missing)}): {_list_keys(missing)}")
+    if unexpected:
+        lines.append(f"  unexpected keys ({len(unexpected)}): {_list_keys(unexpected)}")
+    if shapes:
+        lines.append(f"  shape mismatches ({len(shapes)}): {_list_keys(shapes, 6)}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Creation, pretrained configs and registration
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, Any], model: RIDEResNet) -> Dict[str, torch.Tensor]:
+    """Prepare a checkpoint for ``model``: unwrap training checkpoints, convert the official layout, and
+    drop the router when the classifiers change size (its inputs are the old classifiers' logits)."""
+    from ride_models.convert import convert_to_model, is_official_state_dict
+
+    if "state_dict" in state_dict and isinstance(state_dict["state_dict"], dict):
+        state_dict = state_dict["state_dict"]
+    if is_official_state_dict(state_dict):
+        return convert_to_model(state_dict, model)
+    head = state_dict.get("heads.0.weight")
+    if head is not None and head.shape[0] != model.num_classes:
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("router.")}
+    return state_dict
+
+
+def _create_ride_resnet(variant: str, pretrained: bool = False, **kwargs) -> RIDEResNet:
+    num_levels = len(kwargs["layers"]) + 1
+    return build_model_with_cfg(
+        RIDEResNet,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(feature_cls="getter", out_indices=tuple(range(num_levels))),
+        **kwargs,
+    )
+
+
+def _cfg(num_experts: int, **kwargs) -> Dict[str, Any]:
+    return {
+        "url": "",
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": (7, 7),
+        "crop_pct": 0.875,
+        "interpolation": "bilinear",
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "conv1",
+        "classifier": tuple(f"heads.{i}" for i in range(num_experts)),
+        "license": "mit",
+        "paper_ids": "arXiv:2010.01809",
+        "paper_name": "Long-tailed Recognition by Routing Diverse Distribution-Aware Experts",
+        "origin_url": "https://github.com/frank-xwang/RIDE-LongTailRecognition",
+        **kwargs,
+    }
+
+
+def _cifar_cfg(num_experts: int, **kwargs) -> Dict[str, Any]:
+    return _cfg(
+        num_experts,
+        num_classes=100,
+        input_size=(3, 32, 32),
+        pool_size=(8, 8),
+        crop_pct=1.0,
+        mean=CIFAR_MEAN,
+        std=CIFAR_STD,
+        **kwargs,
+    )
+
+
+_EXPERT_COUNTS = (2, 3, 4, 6)
+default_cfgs = generate_default_cfgs(
+    {
+        **{f"ride_resnet32_{e}e": _cifar_cfg(e) for e in _EXPERT_COUNTS},
+        **{f"ride_resnet10_{e}e": _cfg(e) for e in _EXPERT_COUNTS},
+        **{f"ride_resnet50_{e}e": _cfg(e) for e in _EXPERT_COUNTS},
+        **{f"ride_resnext50_{e}e": _cfg(e) for e in _EXPERT_COUNTS},
+    }
+)
+
+# Official widths with reduce_dimension=True: expert stages at 3/4 of the usual planes.
+_RESNET32 = dict(
+    block=BasicBlock, layers=(5, 5, 5), planes=(16, 24, 48), stem="cifar", shortcut="A", router_top_k=30
+)
+_RESNET10 = dict(block=BasicBlock, layers=(1, 1, 1, 1), planes=(64, 128, 192, 384), router_top_k=30)
+_RESNET50 = dict(block=Bottleneck, layers=(3, 4, 6, 3), planes=(64, 128, 192, 384), router_top_k=50)
+_RESNEXT50 = dict(_RESNET50, groups=32, base_width=4)
+
+
+@register_model
+def ride_resnet32_2e(pretrained: bool = False, **kwargs) -> RIDEResNet:
+    """RIDE ResNet-32 for 32x32 images (CIFAR-LT), 2 experts."""
+    model_args = dict(_RESNET32, num_experts=2)
+    return _create_ride_resnet("ride_resnet32_2e", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def ride_resnet32_3e(pretrained: bool = False, **kwargs) -> RIDEResNet:
+    """RIDE ResNet-32 for 32x32 images (CIFAR-LT), 3 experts."""
+    model_args = dict(_RESNET32, num_experts=3)
+    return _create_ride_resnet("ride_resnet32_3e", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def ride_resnet32_4e(pretrained: bool = False, **kwargs) -> RIDEResNet:
+    """RIDE ResNet-32 for 32x32 images (CIFAR-LT), 4 experts."""
+    model_args = dict(_RESNET32, num_experts=4)
+    return _create_ride_resnet("ride_resnet32_4e", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def ride_resnet32_6e(pretrained: bool = False, **kwargs) -> RIDEResNet:
+    """RIDE ResNet-32 for 32x32 images (CIFAR-LT), 6 experts (the distillation teacher)."""
+    model_args = dict(_RESNET32, num_experts=6)
+    return _create_ride_resnet("ride_resnet32_6e", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def ride_resnet10_2e(pretrained: bool = False, **kwargs) -> RIDEResNet:
+    """RIDE ResNet-10, 2 experts."""
+    model_args = dict(_RESNET10, num_experts=2)
+    return _create_ride_resnet("ride_resnet10_2e", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def ride_resnet10_3e(pretrained: bool = False, **kwargs) -> RIDEResNet:
+    """RIDE ResNet-10, 3 experts."""
+    model_args = dict(_RESNET10, num_experts=3)
+    return _create_ride_resnet("ride_resnet10_3e", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def ride_resnet10_4e(pretrained: bool = False, **kwargs) -> RIDEResNet:
+    """RIDE ResNet-10, 4 experts."""
+    model_args = dict(_RESNET10, num_experts=4)
+    return _create_ride_resnet("ride_resnet10_4e", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def ride_resnet10_6e(pretrained: bool = False, **kwargs) -> RIDEResNet:
+    """RIDE ResNet-10, 6 experts (the distillation teacher)."""
+    model_args = dict(_RESNET10, num_experts=6)
+    return _create_ride_resnet("ride_resnet10_6e", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def ride_resnet50_2e(pretrained: bool = False, **kwargs) -> RIDEResNet:
+    """RIDE ResNet-50, 2 experts."""
+    model_args = dict(_RESNET50, num_experts=2)
+    return _create_ride_resnet("ride_resnet50_2e", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def ride_resnet50_3e(pretrained: bool = False, **kwargs) -> RIDEResNet:
+    """RIDE ResNet-50, 3 experts."""
+    model_args = dict(_RESNET50, num_experts=3)
+    return _create_ride_resnet("ride_resnet50_3e", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def ride_resnet50_4e(pretrained: bool = False, **kwargs) -> RIDEResNet:
+    """RIDE ResNet-50, 4 experts."""
+    model_args = dict(_RESNET50, num_experts=4)
+    return _create_ride_resnet("ride_resnet50_4e", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def ride_resnet50_6e(pretrained: bool = False, **kwargs) -> RIDEResNet:
+    """RIDE ResNet-50, 6 experts (the distillation teacher)."""
+    model_args = dict(_RESNET50, num_experts=6)
+    return _create_ride_resnet("ride_resnet50_6e", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def ride_resnext50_2e(pretrained: bool = False, **kwargs) -> RIDEResNet:
+    """RIDE ResNeXt-50 32x4d, 2 experts."""
+    model_args = dict(_RESNEXT50, num_experts=2)
+    return _create_ride_resnet("ride_resnext50_2e", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def ride_resnext50_3e(pretrained: bool = False, **kwargs) -> RIDEResNet:
+    """RIDE ResNeXt-50 32x4d, 3 experts."""
+    model_args = dict(_RESNEXT50, num_experts=3)
+    return _create_ride_resnet("ride_resnext50_3e", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def ride_resnext50_4e(pretrained: bool = False, **kwargs) -> RIDEResNet:
+    """RIDE ResNeXt-50 32x4d, 4 experts."""
+    model_args = dict(_RESNEXT50, num_experts=4)
+    return _create_ride_resnet("ride_resnext50_4e", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def ride_resnext50_6e(pretrained: bool = False, **kwargs) -> RIDEResNet:
+    """RIDE ResNeXt-50 32x4d, 6 experts (the distillation teacher)."""
+    model_args = dict(_RESNEXT50, num_experts=6)
+    return _create_ride_resnet("ride_resnext50_6e", pretrained, **dict(model_args, **kwargs))
