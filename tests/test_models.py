@@ -1,0 +1,385 @@
+"""The timm model API and RIDE's forward API, on one model of each family."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+from timm.layers import get_graph_node_names
+
+import ride_models  # noqa: F401
+from ride_models import RIDEOutput
+
+torch.manual_seed(0)
+
+# One model of each family, at an input size that keeps 2 CPU cores quick (ImageNet-style models take any
+# size; 64x64 still goes through every stage).
+FAMILIES = {
+    "ride_resnet32_3e": (3, 32, 32),
+    "ride_resnet10_3e": (3, 64, 64),
+    "ride_resnet50_2e": (3, 64, 64),
+    "ride_resnext50_2e": (3, 64, 64),
+}
+
+EXPECTED_NAMES = [
+    f"ride_{arch}_{e}e" for arch in ("resnet10", "resnet32", "resnet50", "resnext50") for e in (2, 3, 4, 6)
+]
+
+
+def test_registered_names():
+    assert sorted(timm.list_models("ride_*")) == sorted(EXPECTED_NAMES)
+    for name in EXPECTED_NAMES:
+        cfg = timm.models.get_pretrained_cfg(name)
+        assert cfg.num_classes == (100 if "resnet32" in name else 1000)
+        assert cfg.input_size == ((3, 32, 32) if "resnet32" in name else (3, 224, 224))
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_forward_batch1(name):
+    model = timm.create_model(name).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, *FAMILIES[name]))
+    assert out.shape == (1, model.num_classes)
+    assert not out.isnan().any()
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_backward_reaches_every_trainable_parameter(name):
+    """timm's backward check, per training stage: stage 1 (classification) reaches every parameter but the
+    router's, which are frozen; stage 2 (the router's path) reaches exactly the router's."""
+    model = timm.create_model(name, num_classes=42).train()
+    x = torch.randn(2, *FAMILIES[name])
+    out = model(x)
+    assert out.shape == (2, 42)
+    out.mean().backward()
+    for k, p in model.named_parameters():
+        if k.startswith("router."):
+            assert not p.requires_grad and p.grad is None, k
+        else:
+            assert p.grad is not None, f"no gradient for {k}"
+    model.zero_grad(set_to_none=True)
+
+    model.set_router_training(True)
+    model.train()
+    out = model.forward_router_train(x, torch.tensor([0, 1]))
+    out.router_logits.sum().backward()
+    for k, p in model.named_parameters():
+        assert (p.grad is not None) == k.startswith("router."), k
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_features_and_head_shapes(name):
+    """timm's default-cfg checks: forward_features keeps the spatial pool size, forward_head(pre_logits)
+    gives num_features, reset_classifier(0) and (0, '') behave as in timm."""
+    model = timm.create_model(name).eval()
+    cfg = model.pretrained_cfg
+    x = torch.randn(1, *cfg["input_size"])
+    with torch.no_grad():
+        features = model.forward_features(x)
+        assert features.shape == (1, model.num_features, *cfg["pool_size"])
+        assert model.forward_head(features, pre_logits=True).shape == (1, model.num_features)
+        assert model.num_features == model.num_experts * model.expert_dim
+        model.reset_classifier(0)
+        out = model(x)
+        assert out.shape == (1, model.num_features)
+        model.reset_classifier(0, "")
+        out = model(x)
+        assert out.shape == (1, model.num_features, *cfg["pool_size"])
+    state = model.state_dict()
+    assert cfg["first_conv"] + ".weight" in state
+    full = timm.create_model(name).state_dict()
+    assert all(c + ".weight" in full for c in cfg["classifier"])
+    assert len(cfg["classifier"]) == model.num_experts
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_num_classes_and_reset_classifier(name):
+    model = timm.create_model(name, num_classes=42).eval()
+    x = torch.randn(2, *FAMILIES[name])
+    assert model(x).shape == (2, 42)
+    assert len(model.get_classifier()) == model.num_experts
+    model.reset_classifier(7)
+    assert all(head.weight.shape == (7, model.expert_dim) for head in model.get_classifier())
+    with torch.no_grad():
+        assert model(x).shape == (2, 7)
+        assert model.forward_experts(x).shape == (2, model.num_experts, 7)
+    assert model.router.top_k == 7  # capped at the class count
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_features_only(name):
+    model = timm.create_model(name, features_only=True).eval()
+    channels = model.feature_info.channels()
+    reductions = model.feature_info.reduction()
+    assert len(channels) >= 4
+    size = FAMILIES[name]
+    with torch.no_grad():
+        outs = model(torch.randn(1, *size))
+    assert len(outs) == len(channels)
+    for c, r, o in zip(channels, reductions, outs):
+        assert o.shape == (1, c, size[1] // r, size[2] // r)
+    # the experts' levels are their maps concatenated along channels
+    experts = timm.create_model(name).num_experts
+    assert channels[-1] % experts == 0
+
+    last_two = timm.create_model(name, features_only=True, out_indices=(-2, -1)).eval()
+    with torch.no_grad():
+        tail = last_two(torch.randn(1, *size))
+    assert [t.shape[1] for t in tail] == channels[-2:]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_forward_intermediates(name):
+    model = timm.create_model(name).eval()
+    x = torch.randn(1, *FAMILIES[name])
+    with torch.no_grad():
+        final, intermediates = model.forward_intermediates(x)
+        torch.testing.assert_close(final, model.forward_features(x))
+        torch.testing.assert_close(intermediates[-1], final)
+        assert len(intermediates) == len(model.feature_info)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_torchscript(name):
+    with timm.layers.set_layer_config(scriptable=True):
+        model = timm.create_model(name).eval()
+    x = torch.randn(1, *FAMILIES[name])
+    scripted = torch.jit.script(model)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), model(x))
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_fx(name):
+    model = timm.create_model(name).eval()
+    train_nodes, eval_nodes = get_graph_node_names(model)
+    assert train_nodes and eval_nodes
+    graph = torch.fx.symbolic_trace(model)
+    x = torch.randn(2, *FAMILIES[name])
+    with torch.no_grad():
+        torch.testing.assert_close(graph(x), model(x))
+    extractor = timm.layers.create_feature_extractor(model, return_nodes={eval_nodes[-1]: "out"})
+    with torch.no_grad():
+        torch.testing.assert_close(extractor(x)["out"], model(x))
+
+
+def test_grad_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(1)
+    model = timm.create_model("ride_resnet32_2e").train()
+    x = torch.randn(4, 3, 32, 32)
+    model(x).sum().backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    model.set_grad_checkpointing(True)
+    model(x).sum().backward()
+    for k, g in grads.items():
+        torch.testing.assert_close(dict(model.named_parameters())[k].grad, g, msg=k)
+
+
+# ------------------------------------------------------------------------------------------ RIDE's API
+def test_expert_training_output():
+    model = timm.create_model("ride_resnet32_3e").train()
+    x = torch.randn(4, 3, 32, 32)
+    assert isinstance(model(x), torch.Tensor)  # plain timm training by default
+    model.set_expert_training(True)
+    out = model(x)
+    assert isinstance(out, RIDEOutput)
+    assert out.expert_logits.shape == (4, 3, 100)
+    torch.testing.assert_close(out.logits, out.expert_logits.mean(1))
+    model.eval()
+    assert isinstance(model(x), torch.Tensor)  # eval always returns the prediction
+
+
+def test_forward_experts_and_scale():
+    model = timm.create_model("ride_resnet32_2e").eval()
+    with torch.no_grad():
+        z = model.forward_experts(torch.randn(3, 3, 32, 32))
+    assert z.shape == (3, 2, 100)
+    assert z.abs().max() <= 30.0 + 1e-4  # cosine logits times s = 30
+    plain = timm.create_model("ride_resnet32_2e", use_norm=False)
+    assert isinstance(plain.heads[0], torch.nn.Linear) and plain.heads[0].bias is not None
+    assert plain.scale == 1.0
+
+
+def test_fixed_k_routing_runs_only_k_experts():
+    model = timm.create_model("ride_resnet32_4e").eval()
+    x = torch.randn(5, 3, 32, 32)
+    calls = [0] * 4
+    for i, expert in enumerate(model.experts):
+        expert.register_forward_hook(lambda *a, i=i: calls.__setitem__(i, calls[i] + 1))
+    model.set_routing(2)
+    assert model.routing == 2
+    with torch.no_grad():
+        y = model(x)
+        assert calls == [1, 1, 0, 0]
+        torch.testing.assert_close(y, model.forward_experts(x)[:, :2].mean(1))
+    model.set_routing("all")
+    assert model.routing == "all"
+
+
+def _router_model(name="ride_resnet32_4e", bias=0.0):
+    """A model whose router always gives the logit ``bias`` (zero weights), marked trained."""
+    model = timm.create_model(name).eval()
+    with torch.no_grad():
+        for p in model.router.parameters():
+            p.zero_()
+        model.router.fc.bias.fill_(bias)
+    model.router.set_trained()
+    return model
+
+
+def test_routing_extremes_and_batch_size_one():
+    x = torch.randn(6, 3, 32, 32)
+    everyone = _router_model(bias=5.0)  # sigmoid(5) > 0.5: every sample uses every expert
+    assert everyone.routing == "router"
+    with torch.no_grad():
+        y, n = everyone.forward_routed(x)
+        torch.testing.assert_close(y, everyone.forward_experts(x).mean(1), atol=1e-5, rtol=1e-6)
+    assert n.tolist() == [4] * 6
+    nobody = _router_model(bias=-5.0)
+    with torch.no_grad():
+        y, n = nobody.forward_routed(x)
+        torch.testing.assert_close(y, nobody.forward_experts(x, 1)[:, 0])
+        out = nobody.route(x)
+    assert n.tolist() == [1] * 6
+    assert out.router_logits[:, 0].eq(-5.0).all() and out.router_logits[:, 1:].isnan().all()
+    with torch.no_grad():
+        y1, n1 = everyone.forward_routed(x[:1])
+    assert y1.shape == (1, 100) and n1.tolist() == [4]
+    # sigmoid(0) = 0.5 is not above the threshold: a zero logit stops, as in the official code
+    with torch.no_grad():
+        assert _router_model(bias=0.0).forward_routed(x)[1].tolist() == [1] * 6
+
+
+def test_routed_inference_skips_work_for_stopped_samples():
+    """Later experts run only on the samples that continue, and each sample's prediction is the mean of
+    the experts it used."""
+    model = _router_model()
+    x = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        expert_logits = model.forward_experts(x)  # [8, 4, C]
+        top1 = expert_logits[:, 0].max(dim=1).values
+        cut = top1.median()
+        model.router.fc.weight[0, 0] = 1.0  # z = (largest mean logit) - cut
+        model.router.fc.bias.fill_(-cut)
+    seen = [[] for _ in range(4)]
+    for i, expert in enumerate(model.experts):
+        expert.register_forward_hook(lambda m, inp, out, i=i: seen[i].append(inp[0].shape[0]))
+    with torch.no_grad():
+        y, n = model.forward_routed(x)
+    passing = int((top1 > cut).sum())
+    assert 0 < passing < 8
+    assert seen[0] == [8] and seen[1] == [passing]
+    assert all(sum(s) <= passing for s in seen[2:])
+    assert int((n > 1).sum()) == passing
+    for i in range(8):
+        torch.testing.assert_close(y[i], expert_logits[i, : n[i]].mean(0), atol=1e-5, rtol=1e-6)
+
+
+def test_routing_threshold():
+    model = _router_model(bias=0.5)  # p = sigmoid(0.5) = 0.62
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert model.forward_routed(x)[1].tolist() == [4, 4, 4]
+        model.set_routing("router", threshold=0.7)
+        assert model.forward_routed(x)[1].tolist() == [1, 1, 1]
+
+
+def test_router_trained_flag_lives_in_the_state_dict(tmp_path):
+    trained = _router_model("ride_resnet32_2e")
+    path = tmp_path / "model.safetensors"
+    save_file(trained.state_dict(), str(path))
+    fresh = timm.create_model("ride_resnet32_2e")
+    assert fresh.routing == "all"
+    fresh.load_state_dict(load_file(str(path)))
+    assert fresh.routing == "router" and bool(fresh.router.trained)
+    fresh.set_routing("all")  # an explicit choice wins over the flag
+    assert fresh.routing == "all"
+    fresh.set_routing(None)
+    assert fresh.routing == "router"
+
+
+def test_ten_classes_cap_router_top_k():
+    model = timm.create_model("ride_resnet32_4e", num_classes=10).eval()
+    assert model.router.top_k == 10 and model.router.fc.in_features == 10 + 16
+    model.router.set_trained()
+    with torch.no_grad():
+        y, n = model.forward_routed(torch.randn(4, 3, 32, 32))
+    assert y.shape == (4, 10) and n.shape == (4,)
+    assert timm.create_model("ride_resnet50_2e", num_classes=10, router_top_k=5).router.top_k == 5
+
+
+def test_in_chans_and_any_input_size():
+    model = timm.create_model("ride_resnet10_2e", in_chans=1, num_classes=5).eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 1, 97, 131)).shape == (2, 5)
+
+
+def test_set_router_training_freezes_and_restores():
+    model = timm.create_model("ride_resnet32_2e")
+    model.set_router_training(True)
+    model.train()
+    assert all(p.requires_grad == k.startswith("router.") for k, p in model.named_parameters())
+    assert not model.layer1.training and not model.experts.training and model.router.training
+    model.set_router_training(False)
+    model.train()
+    assert all(p.requires_grad != k.startswith("router.") for k, p in model.named_parameters())
+    assert model.layer1.training
+
+
+# ------------------------------------------------------------------------------------------- bad input
+def test_wrong_channel_count_is_explained():
+    model = timm.create_model("ride_resnet32_2e")
+    with pytest.raises(
+        ValueError, match=r"expected an image batch of shape \[B, 3, H, W\], got \[2, 1, 32, 32\]"
+    ):
+        model(torch.randn(2, 1, 32, 32))
+
+
+@pytest.mark.parametrize("mode", ["fastest", 0, 5, True, 2.0])
+def test_set_routing_rejects_bad_modes(mode):
+    model = timm.create_model("ride_resnet32_4e")
+    with pytest.raises(ValueError, match="4 experts|'all', 'router'"):
+        model.set_routing(mode)
+
+
+def test_set_routing_k_too_large_names_the_expert_count():
+    with pytest.raises(ValueError, match=r"k=5 is out of range: this model has 4 experts"):
+        timm.create_model("ride_resnet32_4e").set_routing(5)
+
+
+def test_set_routing_bad_threshold():
+    with pytest.raises(ValueError, match="threshold"):
+        timm.create_model("ride_resnet32_2e").set_routing("router", threshold=1.5)
+
+
+def test_untrained_router_warns():
+    with pytest.warns(UserWarning, match="untrained router"):
+        timm.create_model("ride_resnet32_2e").set_routing("router")
+
+
+def test_load_state_dict_explains_expert_and_class_mismatch():
+    other = timm.create_model("ride_resnet32_3e", num_classes=10).state_dict()
+    model = timm.create_model("ride_resnet32_4e")
+    with pytest.raises(RuntimeError) as err:
+        model.load_state_dict(other)
+    msg = str(err.value)
+    assert "experts: the state dict has 3, the model has 4" in msg
+    assert "classes: the state dict has 10, the model has 100" in msg
+    assert "num_classes=10" in msg
+
+
+def test_load_state_dict_explains_family_mismatch():
+    with torch.device("meta"):
+        other = timm.create_model("ride_resnext50_2e").state_dict()
+        model = timm.create_model("ride_resnet50_2e")
+    with pytest.raises(
+        RuntimeError, match="architecture: the state dict has resnext50, the model has resnet50"
+    ):
+        model.load_state_dict(other)
+
+
+def test_bad_global_pool():
+    with pytest.raises(ValueError, match="global_pool"):
+        timm.create_model("ride_resnet32_2e", global_pool="max")
