@@ -688,6 +688,8 @@ class RIDEResNet(nn.Module):
         """
         if self.num_classes <= 0:
             raise RuntimeError("the router's training path needs classifiers; this model has num_classes=0")
+        if self.num_experts < 2:
+            raise RuntimeError("a single-expert model has no routing decisions to train")
         pooled = [self.global_pool(m) for m in self._expert_maps(x, self.num_experts)]
         expert_logits = self._classify(pooled)  # [B, E, C]
         running_sum = expert_logits[:, 0]
