@@ -29,7 +29,12 @@ import torch
 from ride_models.models.ride_resnet import RIDEResNet, _list_keys, summarize_state_dict
 from ride_models.router import ExpertRouter
 
-__all__ = ["convert_official_state_dict", "convert_to_model", "is_official_state_dict"]
+__all__ = [
+    "convert_official_state_dict",
+    "convert_to_model",
+    "is_official_state_dict",
+    "rename_official_keys",
+]
 
 _PREFIXES = ("module.", "backbone.")
 _RULES = (
@@ -61,8 +66,12 @@ def is_official_state_dict(state_dict: Dict[str, torch.Tensor]) -> bool:
     )
 
 
-def _map_keys(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Rename official keys to ours; raise listing the keys that have no counterpart."""
+def rename_official_keys(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Rename official keys to ours (and transpose normalised classifier weights); no completeness check.
+
+    Raises:
+        ValueError: listing the keys that have no counterpart in our layout.
+    """
     mapped: Dict[str, torch.Tensor] = {}
     unknown = []
     for key, value in state_dict.items():
@@ -99,7 +108,7 @@ def convert_to_model(state_dict: Dict[str, torch.Tensor], model: RIDEResNet) -> 
         ValueError: the state dict is for another family, expert count or class count than ``model``, or
             has keys that are unknown, missing or of the wrong shape; the message lists them.
     """
-    mapped = _map_keys(state_dict)
+    mapped = rename_official_keys(state_dict)
     name = getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
     expected = model.state_dict()
     given, wanted = summarize_state_dict(mapped), summarize_state_dict(expected)
@@ -152,7 +161,7 @@ def convert_official_state_dict(
         A complete state dict for ``timm.create_model(model_name, num_classes=C, use_norm=...)``, where
         C and use_norm are those of the checkpoint; it loads with ``strict=True``.
     """
-    mapped = _map_keys(state_dict)
+    mapped = rename_official_keys(state_dict)
     head = mapped.get("heads.0.weight")
     if head is None:
         raise ValueError("the official state dict has no classifier (linears.0.weight); is it a RIDE model?")
