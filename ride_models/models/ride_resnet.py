@@ -39,6 +39,7 @@ from timm.layers import DropPath, SelectAdaptivePool2d
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from torch import nn
 
+from ride_models.data.transforms import CIFAR_MEAN, CIFAR_STD
 from ride_models.router import ExpertRouter
 
 __all__ = [
@@ -51,10 +52,6 @@ __all__ = [
     "RouterTrainOutput",
     "summarize_state_dict",
 ]
-
-# The official CIFAR loaders normalise CIFAR-100 with CIFAR-10 statistics as well (reference quirk 12).
-CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR_STD = (0.2023, 0.1994, 0.2010)
 
 
 class RIDEOutput(NamedTuple):
