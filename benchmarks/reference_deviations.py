@@ -13,11 +13,11 @@ from pathlib import Path
 
 import timm
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import ride_models  # noqa: F401
 from ride_models.convert import convert_official_state_dict, rename_official_keys
+from ride_models.losses import create_loss
 
 DEFAULT_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference" / "official_ride"
 
@@ -99,16 +99,7 @@ def ea_rows(ref: Path, name: str, files: list[str], io_file: str, has_fp64: bool
         _diff(out.router_logits, io["expert_help_logits_train_fp32"]),
     )
     yield io_file, "train_output_fp32", _diff(out.logits, io["train_output_fp32"])
-    pos_weight = torch.tensor(100.0)
-    bce = torch.stack(
-        [
-            F.binary_cross_entropy_with_logits(
-                out.router_logits[:, i], out.help_targets[:, i].float(), pos_weight=pos_weight
-            )
-            for i in range(model.num_experts - 1)
-        ]
-    )
-    loss = bce.mean()
+    loss = create_loss("routing")(out.router_logits, out.help_targets)
     yield io_file, "train_routing_loss_fp32", _diff(loss, io["train_routing_loss_fp32"][0])
     if "grad.backbone.expert_help_pred_fc.weight" in io:
         loss.backward()

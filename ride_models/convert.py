@@ -26,7 +26,7 @@ from typing import Dict, Optional
 import timm
 import torch
 
-from ride_models.models.ride_resnet import RIDEResNet, _list_keys, summarize_state_dict
+from ride_models.models.ride_resnet import RIDEResNet, _list_keys, architecture_differences, key_differences
 from ride_models.router import ExpertRouter
 
 __all__ = [
@@ -111,37 +111,25 @@ def convert_to_model(state_dict: Dict[str, torch.Tensor], model: RIDEResNet) -> 
     mapped = rename_official_keys(state_dict)
     name = getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
     expected = model.state_dict()
-    given, wanted = summarize_state_dict(mapped), summarize_state_dict(expected)
-    for field, label in (("family", "architecture"), ("num_experts", "experts"), ("num_classes", "classes")):
-        if given[field] is not None and given[field] != wanted[field]:
-            raise ValueError(
-                f"the official state dict does not fit {name}: its {label} is {given[field]}, "
-                f"{name} has {wanted[field]}"
-                + (f"; create the model with num_classes={given[field]}" if field == "num_classes" else "")
-            )
+    for label, given, wanted in architecture_differences(mapped, expected):
+        hint = f"; create the model with num_classes={given}" if label == "classes" else ""
+        raise ValueError(
+            f"the official state dict does not fit {name}: its {label} is {given}, {name} has {wanted}{hint}"
+        )
     has_router = any(k.startswith("router.") for k in mapped)
     if has_router:
         mapped["router.trained"] = torch.ones((), dtype=torch.bool)
     else:
         mapped.update(_fresh_router(model))
-    missing = [k for k in expected if k not in mapped]
-    unexpected = [k for k in mapped if k not in expected]
-    shapes = [
-        f"{k}: given {tuple(mapped[k].shape)}, expected {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in mapped and tuple(mapped[k].shape) != tuple(v.shape)
-    ]
-    if missing or unexpected or shapes:
-        lines = [f"the official state dict does not fit {name}:"]
-        if missing:
-            lines.append(f"  missing keys ({len(missing)}, in our names): {_list_keys(missing)}")
-        if unexpected:
-            lines.append(f"  unexpected keys ({len(unexpected)}, in our names): {_list_keys(unexpected)}")
-        if shapes:
-            lines.append(f"  shape mismatches ({len(shapes)}): {_list_keys(shapes, 6)}")
-        if any(k.startswith("router.fc") for k in shapes):
-            lines.append(f"  the router sees the top {model.router.top_k} logits; pass router_top_k to match")
-        raise ValueError("\n".join(lines))
+    problems = key_differences(mapped, expected)
+    if problems:
+        if any(line.startswith("  shape mismatches") and "router.fc" in line for line in problems):
+            problems.append(
+                f"  the router sees the top {model.router.top_k} logits; pass router_top_k to match"
+            )
+        raise ValueError(
+            "\n".join([f"the official state dict does not fit {name} (keys in our names):", *problems])
+        )
     return {k: mapped[k] for k in expected}
 
 

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 import ride_models  # noqa: F401
 from ride_models.convert import convert_official_state_dict, rename_official_keys
+from ride_models.losses import create_loss
 
 FP32 = dict(atol=1e-4, rtol=1e-5)
 FP64 = dict(atol=1e-9, rtol=0)
@@ -70,6 +71,17 @@ def test_ride_train_mode_outputs(reference_dir, name, prefix):
         out = model(io["input"])
     torch.testing.assert_close(out.expert_logits, io["logits_train_mode_fp32"], **FP32)
     torch.testing.assert_close(out.logits, io["output_train_mode_fp32"], **FP32)
+
+
+def _bce_per_decision(router_logits, help_targets):
+    """``[E-1]``: each decision's batch-mean BCE with pos_weight 100, as the reference README states it."""
+    pos_weight = torch.tensor(100.0)
+    return torch.stack(
+        [
+            F.binary_cross_entropy_with_logits(z, t.float(), pos_weight=pos_weight)
+            for z, t in zip(router_logits.unbind(1), help_targets.unbind(1))
+        ]
+    )
 
 
 EA_FIXTURES = [
@@ -130,16 +142,10 @@ def test_ea_router_training_path(reference_dir, name, backbone_file, prefix):
 
     # The routing loss as the reference README states it: the mean over decisions of the batch-mean
     # binary cross-entropy with pos_weight 100.
-    bce = torch.stack(
-        [
-            F.binary_cross_entropy_with_logits(
-                out.router_logits[:, i], out.help_targets[:, i].float(), pos_weight=torch.tensor(100.0)
-            )
-            for i in range(model.num_experts - 1)
-        ]
-    )
+    bce = _bce_per_decision(out.router_logits, out.help_targets)
     torch.testing.assert_close(bce, io["bce_per_stage_fp32"], atol=0, rtol=1e-5)
-    loss = bce.mean()
+    loss = create_loss("routing")(out.router_logits, out.help_targets)
+    torch.testing.assert_close(loss, bce.mean(), atol=0, rtol=1e-6)
     torch.testing.assert_close(loss, io["train_routing_loss_fp32"][0], atol=0, rtol=1e-5)
     loss.backward()
     grads = {k.removeprefix("grad."): v for k, v in io.items() if k.startswith("grad.")}
@@ -171,14 +177,7 @@ def test_resnet10_ea_fixture(reference_dir):
     assert torch.equal(train.help_targets, ea["expert_help_targets"].bool())
     torch.testing.assert_close(train.router_logits, ea["expert_help_logits_train_fp32"], **FP32)
     torch.testing.assert_close(train.logits, ea["train_output_fp32"], **FP32)
-    loss = torch.stack(
-        [
-            F.binary_cross_entropy_with_logits(
-                train.router_logits[:, i], train.help_targets[:, i].float(), pos_weight=torch.tensor(100.0)
-            )
-            for i in range(2)
-        ]
-    ).mean()
+    loss = _bce_per_decision(train.router_logits, train.help_targets).mean()
     torch.testing.assert_close(loss, ea["train_routing_loss_fp32"][0], atol=0, rtol=1e-5)
 
 

@@ -826,44 +826,57 @@ def _list_keys(keys: Sequence[str], limit: int = 12) -> str:
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def _describe_mismatch(model: RIDEResNet, state_dict: Dict[str, torch.Tensor]) -> Optional[str]:
-    own = model.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
+def architecture_differences(
+    given: Dict[str, torch.Tensor], expected: Dict[str, torch.Tensor]
+) -> List[Tuple[str, Any, Any]]:
+    """``(what, given, expected)`` for the family, expert count and class count where two state dicts in
+    our layout differ (only what ``given`` says is compared)."""
+    a, b = summarize_state_dict(given), summarize_state_dict(expected)
+    fields = (("family", "architecture"), ("num_experts", "experts"), ("num_classes", "classes"))
+    return [(label, a[f], b[f]) for f, label in fields if a[f] is not None and a[f] != b[f]]
+
+
+def key_differences(given: Dict[str, torch.Tensor], expected: Dict[str, torch.Tensor]) -> List[str]:
+    """Lines listing the missing and unexpected keys and the shape mismatches of ``given``; [] if none."""
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
     shapes = [
-        f"{k}: given {tuple(state_dict[k].shape)}, expected {tuple(v.shape)}"
-        for k, v in own.items()
-        if k in state_dict
-        and hasattr(state_dict[k], "shape")
-        and tuple(state_dict[k].shape) != tuple(v.shape)
+        f"{k}: given {tuple(given[k].shape)}, expected {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in given and hasattr(given[k], "shape") and tuple(given[k].shape) != tuple(v.shape)
     ]
-    if not (missing or unexpected or shapes):
-        return None
-    name = getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
-    if any(
-        k.startswith(("backbone.", "module.")) or re.match(r"(layer\d+s|linears)\.", k) for k in state_dict
-    ):
-        return (
-            f"this state dict is in the official RIDE layout (keys such as {_list_keys(unexpected, 3)}); "
-            f"convert it first: ride_models.convert.convert_official_state_dict(state_dict, {name!r})"
-        )
-    given, expected = summarize_state_dict(state_dict), summarize_state_dict(own)
-    lines = [f"the state dict does not fit {name}."]
-    for field, label in (("family", "architecture"), ("num_experts", "experts"), ("num_classes", "classes")):
-        if given[field] is not None and given[field] != expected[field]:
-            lines.append(f"  {label}: the state dict has {given[field]}, the model has {expected[field]}")
-    if given["num_classes"] not in (None, expected["num_classes"]):
-        lines.append(
-            f"  create the model with num_classes={given['num_classes']}, or load with strict=False "
-            f"after dropping the heads.* and router.* keys to fine-tune a new head"
-        )
+    lines = []
     if missing:
         lines.append(f"  missing keys ({len(missing)}): {_list_keys(missing)}")
     if unexpected:
         lines.append(f"  unexpected keys ({len(unexpected)}): {_list_keys(unexpected)}")
     if shapes:
         lines.append(f"  shape mismatches ({len(shapes)}): {_list_keys(shapes, 6)}")
-    return "\n".join(lines)
+    return lines
+
+
+def _describe_mismatch(model: RIDEResNet, state_dict: Dict[str, torch.Tensor]) -> Optional[str]:
+    from ride_models.convert import is_official_state_dict
+
+    own = model.state_dict()
+    keys = key_differences(state_dict, own)
+    if not keys:
+        return None
+    name = getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
+    if is_official_state_dict(state_dict):
+        return (
+            f"this state dict is in the official RIDE layout; convert it first: "
+            f"ride_models.convert.convert_official_state_dict(state_dict, {name!r})"
+        )
+    lines = [f"the state dict does not fit {name}."]
+    for label, given, expected in architecture_differences(state_dict, own):
+        lines.append(f"  {label}: the state dict has {given}, the model has {expected}")
+        if label == "classes":
+            lines.append(
+                f"  create the model with num_classes={given}, or load with strict=False "
+                f"after dropping the heads.* and router.* keys to fine-tune a new head"
+            )
+    return "\n".join(lines + keys)
 
 
 # ---------------------------------------------------------------------------------------------------------
