@@ -485,15 +485,6 @@ def test_embedded_digits_file_is_the_real_data() -> None:
     assert "CC BY 4.0" in notice and "BSD-3-Clause" in notice
 
 
-def test_embedded_digits_build_fast() -> None:
-    import time
-
-    start = time.perf_counter()
-    create_dataset("digits_lt")
-    create_dataset("digits_lt", split="test")
-    assert time.perf_counter() - start < 1.0
-
-
 def test_labels_outside_range_and_bad_ratios() -> None:
     with pytest.raises(ValueError, match=r"outside \[0, 3\)"):
         select_per_class([0, 1, 2, 3], [1, 1, 1])
