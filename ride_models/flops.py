@@ -143,8 +143,10 @@ def count_macs(model: RIDEResNet, input_size: Optional[Tuple[int, int, int]] = N
     x = torch.zeros(1, *input_size, device=param.device, dtype=param.dtype)
     try:
         model.eval()
-        if model.num_classes > 0:
+        if model.num_classes > 0 and num_experts > 1:
             model.forward_router_train(x)  # every expert, classifier and routing decision once
+        elif model.num_classes > 0:
+            model.forward_experts(x)  # one expert: no routing decision
         else:
             model.forward_features(x)
     finally:

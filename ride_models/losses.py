@@ -33,6 +33,7 @@ __all__ = [
     "RIDELoss",
     "RoutingLoss",
     "create_loss",
+    "loss_arguments",
     "diversity_temperature",
     "drw_weights",
     "ldam_margins",
@@ -592,6 +593,18 @@ _DISTILL_DEFAULTS: dict[str, Any] = {
 }
 
 LOSS_NAMES: tuple[str, ...] = (*_SINGLE, *_DIVERSITY_BASE, "routing", "distill")
+
+
+def loss_arguments(name: str) -> dict[str, Any]:
+    """Every keyword argument ``create_loss(name, ...)`` accepts, with its default.
+
+    For ``distill``: its own arguments; the base loss's come from ``loss_arguments(base)``.
+    """
+    if name == "distill":
+        return dict(_DISTILL_DEFAULTS)
+    if name not in LOSS_NAMES:
+        raise ValueError(f"unknown loss {name!r}; known losses: {', '.join(LOSS_NAMES)}")
+    return _defaults(name)
 
 
 def _defaults(name: str) -> dict[str, Any]:

@@ -30,7 +30,8 @@ State-dict layout (``ride_models.convert`` maps the official one onto it)::
 import re
 import warnings
 from collections import OrderedDict
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Type, Union
+from contextlib import contextmanager
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Type, Union
 
 import torch
 import torch.nn.functional as F
@@ -519,6 +520,18 @@ class RIDEResNet(nn.Module):
                 f"unknown routing mode {mode!r}: expected 'all', 'router', None, or an int k with "
                 f"1 <= k <= {self.num_experts}"
             )
+
+    @torch.jit.ignore
+    @contextmanager
+    def routing_scope(self, mode: Union[str, int, None], threshold: Optional[float] = None) -> Iterator[None]:
+        """``set_routing(mode, threshold)`` for the duration of a ``with`` block, then back to the previous
+        setting, the automatic default included (a router trained later is still picked up)."""
+        saved = (self._routing_mode, self._routing_k, self.routing_threshold)
+        try:
+            self.set_routing(mode, threshold)
+            yield
+        finally:
+            self._routing_mode, self._routing_k, self.routing_threshold = saved
 
     @torch.jit.ignore
     def set_expert_training(self, enable: bool = True) -> None:
