@@ -1,4 +1,4 @@
-"""The Python examples of the README and docs/models.md run as written (in order, one namespace per file)."""
+"""The Python examples of the README and docs run as written (in order, one namespace per file)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("path", ["README.md", "docs/models.md"])
+@pytest.mark.parametrize("path", ["README.md", "docs/models.md", "docs/validate.md"])
 def test_python_examples_run(path):
     text = (ROOT / path).read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)

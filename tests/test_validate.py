@@ -1,0 +1,268 @@
+"""validate.py end to end: in-process through ``main(argv)`` and once as a command; its errors; the plots."""
+
+from __future__ import annotations
+
+import csv
+import json
+import runpy
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import ride_models  # noqa: F401  (registers the models)
+from ride_models.checkpoint import save_weights
+from ride_models.data import CIFAR100_CLASSES, long_tail_counts
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import validate  # noqa: E402  (the script at the repository root)
+
+REQUIRED_KEYS = {
+    *("model", "dataset", "routing", "top1", "top5", "many_top1", "medium_top1", "few_top1", "ece"),
+    *("experts_mean", "experts_per_split", "gmacs_per_image", "num_images"),
+}
+
+
+@pytest.fixture(scope="module")
+def digits_checkpoint(tmp_path_factory) -> Path:
+    """Weights of a 2-expert, 10-class model as train.py writes them (the embedded digits have 10 classes)."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("run") / "best.safetensors"
+    save_weights(path, timm.create_model("ride_resnet32_2e", num_classes=10).state_dict())
+    return path
+
+
+# ------------------------------------------------------------------ the 20 real CIFAR-100 test images
+
+
+@pytest.fixture(scope="module")
+def cifar20(tmp_path_factory, reference_dir, shared_data_dir):
+    """A ``--dataset folder`` tree of the first 20 CIFAR-100 test images, an official EA checkpoint
+    (RIDE backbone + router fixtures, 3 experts), and the CIFAR-100-LT ratio-100 training counts."""
+    tmp = tmp_path_factory.mktemp("cifar20")
+    images = sorted((shared_data_dir / "cifar100" / "sample_test_first20").glob("cifar100_*.png"))
+    assert len(images) == 20
+    # folder datasets take class names and order from train/; CIFAR-100's names sorted are its label order.
+    for name in CIFAR100_CLASSES:
+        (tmp / "data" / "train" / name).mkdir(parents=True)
+        shutil.copy(images[0], tmp / "data" / "train" / name / "placeholder.png")
+    for image in images:
+        label = int(image.stem.split("_")[2])  # cifar100_II_LL.png: II test index, LL fine label
+        folder = tmp / "data" / "test" / CIFAR100_CLASSES[label]
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(image, folder / image.name)
+    official = {
+        **load_file(reference_dir / "cifar_ride_resnet32_e3_state_dict.safetensors"),
+        **load_file(reference_dir / "cifar_ea_resnet32_e3_router_state_dict.safetensors"),
+    }
+    torch.save({"state_dict": official}, tmp / "official_ea_e3.pth")  # the official checkpoint layout
+    (tmp / "counts.json").write_text(json.dumps(long_tail_counts(100, 500, 100)))
+    return tmp
+
+
+def test_cifar100_first20_images_end_to_end(cifar20, capsys):
+    out = cifar20 / "out"
+    results = validate.main(
+        [
+            *("--model", "ride_resnet32_3e", "--checkpoint", str(cifar20 / "official_ea_e3.pth")),
+            *("--dataset", "folder", "--data-dir", str(cifar20 / "data"), "--split", "test"),
+            *("--class-counts", str(cifar20 / "counts.json"), "--routing", "all", "router", "-j", "0"),
+            *("--results-file", str(out / "r.json"), "--per-class-csv", str(out / "c.csv")),
+            *("--plot-dir", str(out / "plots"), "--device", "cpu"),
+        ]
+    )
+    # both rows in one printed table
+    lines = capsys.readouterr().out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("routing"))
+    assert [line.split()[0] for line in lines[header + 1 : header + 3]] == ["all", "router"]
+
+    rows = json.loads((out / "r.json").read_text())
+    assert [r["routing"] for r in rows] == ["all", "router"] and REQUIRED_KEYS <= set(rows[0])
+    every, routed = rows
+    assert every["model"] == "ride_resnet32_3e" and every["dataset"] == "folder"
+    assert every["num_images"] == routed["num_images"] == 20
+    # ratio 100 on CIFAR-100: 35 many / 35 medium / 30 few classes (the shared data README)
+    assert every["classes_per_split"] == {"many": 35, "medium": 35, "few": 30}
+    # all experts: 3 per image; 0.100 GMACs per image (docs/models.md, ride_resnet32_3e)
+    assert every["experts_mean"] == 3 and every["experts_counts"]["all"] == [0, 0, 20]
+    assert every["gmacs_per_image"] == pytest.approx(0.100, abs=5e-4)
+    # the trained (EA) router stops some images early: fewer experts and MACs on average
+    hist = routed["experts_counts"]["all"]
+    assert sum(hist) == 20 and 1 <= routed["experts_mean"] < 3
+    assert routed["experts_mean"] == pytest.approx((hist[0] + 2 * hist[1] + 3 * hist[2]) / 20)
+    assert 0.049 < routed["gmacs_per_image"] < every["gmacs_per_image"]
+    for r in rows:  # random-init fixture weights: near chance, but every number is defined
+        assert 0 <= r["top1"] <= r["top5"] <= 100 and 0 <= r["ece"] <= 100
+    assert [r.routing for r in results] == ["all", "router"]
+
+    with open(out / "c.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 200  # 100 classes x 2 routing modes
+    first = table[:100]
+    assert first[0]["name"] == "apple" and first[0]["train_images"] == "500" and first[0]["split"] == "many"
+    assert first[99]["train_images"] == "5" and first[99]["split"] == "few"
+    # labels 71 (test images 4 and 10) and 92 (5 and 16) have two images each, from the file names
+    assert first[71]["eval_images"] == first[92]["eval_images"] == "2"
+    assert sum(int(row["eval_images"]) for row in first) == 20
+    assert first[1]["top1"] == "" and first[1]["eval_images"] == "0"  # aquarium_fish: not among the 20
+
+    pytest.importorskip("matplotlib", reason="the plots need matplotlib (pip install matplotlib)")
+    for name, size in (("per_class_accuracy.png", (700, 450)), ("experts_per_split.png", (800, 380))):
+        with Image.open(out / "plots" / name) as png:
+            assert png.format == "PNG" and png.size == size  # figure inches x 100 dpi
+
+
+# ------------------------------------------------------------- the embedded default dataset, timm names
+
+
+def test_default_dataset_with_a_train_checkpoint(digits_checkpoint, tmp_path, capsys):
+    """No --dataset: the embedded digits; the class count comes from the checkpoint; one routing, one dict."""
+    results = validate.main(
+        ["--model", "ride_resnet32_2e", "--checkpoint", str(digits_checkpoint), "-j", "0", "--device", "cpu"]
+        + ["--routing", "all", "--results-file", str(tmp_path / "r.json")]
+    )
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert isinstance(result, dict) and REQUIRED_KEYS <= set(result)
+    # digits_lt test split: 300 images; training counts 144 .. 7 give 2 many / 4 medium / 4 few classes
+    assert result["dataset"] == "digits_lt" and result["num_images"] == 300
+    assert result["classes_per_split"] == {"many": 2, "medium": 4, "few": 4}
+    assert result["split"] == "test" and result["checkpoint"] == str(digits_checkpoint)
+    assert results[0].num_classes == 10
+    assert "digits_lt test: 300 images, 10 classes" in capsys.readouterr().out
+
+
+def test_local_dir_model_and_class_counts_list(tmp_path):
+    from timm.models import save_for_hf
+
+    torch.manual_seed(1)
+    model = timm.create_model("ride_resnet32_2e", num_classes=10)
+    save_for_hf(model, tmp_path / "hf")
+    # --class-counts as a list overrides the training counts: 3 many, 3 medium, 4 few
+    counts = "500,200,101,100,50,20,19,10,5,1"
+    (r,) = validate.main(
+        ["--model", f"local-dir:{tmp_path / 'hf'}", "--pretrained", "--routing", "1", "-j", "0"]
+        + ["--class-counts", counts, "--device", "cpu"]
+    )
+    assert r.to_dict()["classes_per_split"] == {"many": 3, "medium": 3, "few": 4}
+    assert r.experts_mean == 1 and r.num_images == 300
+    # the saved weights were loaded: the same model evaluated directly predicts the same
+    from ride_models.data import build_transform, create_dataset
+    from ride_models.metrics import evaluate
+
+    test = create_dataset("digits_lt", split="test", transform=build_transform("digits_lt", False))
+    loader = torch.utils.data.DataLoader(test, batch_size=300)
+    direct = evaluate(model, loader, class_counts=[int(n) for n in counts.split(",")], routing=1)
+    assert direct.top1 == pytest.approx(r.top1) and direct.ece == pytest.approx(r.ece)
+
+
+def test_command_line(digits_checkpoint, tmp_path):
+    results_file = tmp_path / "r.json"
+    done = subprocess.run(
+        [sys.executable, "validate.py", "--model", "ride_resnet32_2e", "--checkpoint", str(digits_checkpoint)]
+        + ["--num-classes", "10", "--routing", "all", "1", "--results-file", str(results_file), "-j", "0"]
+        + ["--device", "cpu"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert [line.split()[0] for line in done.stdout.splitlines()[-2:]] == ["all", "1"]
+    assert [r["routing"] for r in json.loads(results_file.read_text())] == ["all", 1]
+
+
+def test_command_line_error_is_one_line(tmp_path, monkeypatch, capsys):
+    """Run as a script, bad input ends with exit status 1 and one message, no traceback."""
+    monkeypatch.setattr(sys, "argv", ["validate.py", "--checkpoint", str(tmp_path / "nope.safetensors")])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(ROOT / "validate.py"), run_name="__main__")
+    message = str(exit_.value.code)
+    assert message.startswith("validate.py: error: --checkpoint") and ".safetensors" in message
+
+
+# ---------------------------------------------------------------------------------------- bad input
+
+
+def test_checkpoint_class_count_differs_from_the_dataset(tmp_path):
+    path = tmp_path / "cifar100.safetensors"
+    save_weights(path, timm.create_model("ride_resnet32_2e").state_dict())  # 100 classes
+    with pytest.raises(ValueError) as error:
+        validate.main(
+            ["--model", "ride_resnet32_2e", "--checkpoint", str(path), "-j", "0", "--device", "cpu"]
+        )
+    message = str(error.value)
+    assert f"checkpoint {path} has 100 classes" in message
+    assert "digits_lt (test split) has 10" in message and "--dataset" in message
+
+
+def test_num_classes_differs_from_the_checkpoint(digits_checkpoint):
+    with pytest.raises(ValueError, match="num_classes is 100, but the checkpoint .* has 10 classes; leave"):
+        validate.main(
+            ["--model", "ride_resnet32_2e", "--checkpoint", str(digits_checkpoint), "--num-classes", "100"]
+        )
+
+
+def test_checkpoint_with_other_experts(digits_checkpoint):
+    with pytest.raises(ValueError, match=r"does not fit model ride_resnet32_3e(.|\n)*experts: .* has 2"):
+        validate.main(["--model", "ride_resnet32_3e", "--checkpoint", str(digits_checkpoint)])
+
+
+def test_missing_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nope.pth: no such file; expected a \.safetensors file"):
+        validate.main(["--checkpoint", str(tmp_path / "nope.pth")])
+
+
+def test_split_file_dataset_without_class_counts(tmp_path):
+    """ImageNet-LT test images without the training split file: many/medium/few cannot be known until
+    --class-counts gives them; then it runs."""
+    (tmp_path / "val").mkdir()
+    for i in range(2):
+        Image.new("RGB", (40, 30), (40 * i, 90, 200)).save(tmp_path / "val" / f"{i}.png")
+    (tmp_path / "ImageNet_LT_test.txt").write_text("val/0.png 0\nval/1.png 999\n")
+    args = ["--model", "ride_resnet10_2e", "--dataset", "imagenet_lt", "--data-dir", str(tmp_path), "-j", "0"]
+    with pytest.raises(FileNotFoundError) as error:
+        validate.main(args)
+    assert "ImageNet_LT_train.txt" in str(error.value) and "--class-counts FILE_OR_LIST" in str(error.value)
+
+    with pytest.raises(ValueError, match=r"3 entries, expected one per class \(1000\)(.|\n)*--class-counts"):
+        validate.main([*args, "--class-counts", "5,5,5"])
+    with pytest.raises(FileNotFoundError, match="--class-counts counts.json: no such file"):
+        validate.main([*args, "--class-counts", "counts.json"])
+
+    counts = tmp_path / "counts.json"
+    counts.write_text(json.dumps([200] * 400 + [50] * 400 + [10] * 200))
+    (r,) = validate.main([*args, "--class-counts", str(counts), "--device", "cpu"])
+    assert r.num_images == 2 and r.to_dict()["classes_per_split"] == {"many": 400, "medium": 400, "few": 200}
+    assert r.experts_per_split["many"] == 2 and r.experts_per_split["few"] == 2  # labels 0 and 999
+
+
+def test_not_a_ride_model():
+    with pytest.raises(ValueError, match="resnet18 is not a RIDE model"):
+        validate.main(["--model", "resnet18", "-j", "0"])
+    with pytest.raises(ValueError, match=r"model ride_nothing: Unknown model"):
+        validate.main(["--model", "ride_nothing"])
+
+
+def test_bad_routing(digits_checkpoint, capsys):
+    with pytest.raises(SystemExit):
+        validate.main(["--routing", "some"])
+    assert "'all', 'router' or a number of experts" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="k must be between 1 and 2"):
+        validate.main(
+            ["--model", "ride_resnet32_2e", "--checkpoint", str(digits_checkpoint), "--routing", "3"]
+        )
+
+
+def test_plots_without_matplotlib(monkeypatch):
+    from ride_models.plots import save_plots
+
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # as if not installed
+    with pytest.raises(ImportError, match="pip install matplotlib"):
+        save_plots([object()], "unused")
