@@ -1,0 +1,205 @@
+"""train.py on the embedded default dataset: the three stages, outputs, exact resume, DDP, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import ride_models  # noqa: F401
+from ride_models import training
+from ride_models.checkpoint import load_training_state
+from ride_models.engine import NonFiniteLossError
+
+ROOT = Path(__file__).resolve().parents[1]
+# Short runs: 489 training images at batch 128 are 4 steps per epoch.
+FAST = ["--model", "ride_resnet32_2e", "-b", "128", "--log-interval", "2", "--workers", "0"]
+
+
+def _train(tmp_path: Path, name: str, *flags: str) -> dict:
+    return training.main([*FAST, "--output", str(tmp_path), "--experiment", name, *flags])
+
+
+def _same_weights(a: Path, b: Path) -> bool:
+    x, y = load_file(a), load_file(b)
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_train_py_on_the_embedded_default(tmp_path):
+    """The issue's command: writes the run files and prints many/medium/few accuracy."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "--model", "ride_resnet32_2e", "--loss", "ldam_diversity",
+         "--epochs", "2", "--output", str(tmp_path), "--experiment", "run", "--workers", "0"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "run"
+    assert {"args.yaml", "summary.csv", "last.safetensors", "best_on_test.safetensors", "last_state.pt",
+            "results.json", "log.txt"} <= {p.name for p in run.iterdir()}  # fmt: skip
+    assert "many" in result.stdout and "medium" in result.stdout and "few" in result.stdout
+    rows = list(csv.DictReader((run / "summary.csv").open()))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert {"train_loss", "lr", "top1", "many_top1", "medium_top1", "few_top1"} <= set(rows[0])
+    assert float(rows[0]["lr"]) == pytest.approx(0.1 / 3)  # digits preset: lr 0.1, 3 warm-up epochs
+    args = yaml.safe_load((run / "args.yaml").read_text())
+    assert args["dataset"] == "digits_lt" and args["epochs"] == 2 and args["loss"] == "ldam_diversity"
+    results = json.loads((run / "results.json").read_text())
+    assert results["checkpoint"] == "last.safetensors"  # no validation split: the final epoch is the result
+    final = results["test"][0]
+    assert final["num_images"] == 300 and {"many_top1", "medium_top1", "few_top1"} <= set(final)
+    weights = load_file(run / "last.safetensors")
+    model = timm.create_model("ride_resnet32_2e", num_classes=10)
+    model.load_state_dict(weights)
+
+
+def test_three_stages_chain(tmp_path):
+    """Experts (a 3-expert teacher), router, then distillation into 2 experts, each on short schedules."""
+    _train(tmp_path, "experts", "--model", "ride_resnet32_3e", "--epochs", "2")
+    stage1 = tmp_path / "experts" / "last.safetensors"
+
+    router = _train(
+        tmp_path, "router", "--model", "ride_resnet32_3e", "--stage", "router",
+        "--initial-checkpoint", str(stage1), "--epochs", "1",
+    )  # fmt: skip
+    rows = {r["routing"]: r for r in router["test"]}
+    assert set(rows) == {"all", "router"}
+    assert rows["all"]["experts_mean"] == 3.0
+    assert 1.0 <= rows["router"]["experts_mean"] <= 3.0
+    routed = timm.create_model("ride_resnet32_3e", num_classes=10)
+    routed.load_state_dict(load_file(tmp_path / "router" / "last.safetensors"))
+    assert routed.routing == "router"  # the saved model routes by default
+    before, after = load_file(stage1), load_file(tmp_path / "router" / "last.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith("router."))
+
+    distill = _train(
+        tmp_path, "distill", "--stage", "distill", "--teacher", "ride_resnet32_3e", "--teacher-checkpoint",
+        str(stage1), "--epochs", "1",
+    )  # fmt: skip
+    assert distill["stage"] == "distill" and distill["test"][0]["experts_mean"] == 2.0
+    state = load_training_state(tmp_path / "distill")
+    assert state["args"]["warmup_epochs"] == 3  # the digits preset (CIFAR's distill preset warms up for 20)
+
+
+def test_exact_resume_after_a_kill(tmp_path):
+    """A run killed at an arbitrary point and resumed ends with the same weights as an uninterrupted one."""
+    flags = [*FAST, "--epochs", "3", "--output", str(tmp_path)]
+    training.main([*flags, "--experiment", "straight"])
+
+    # Same thread count as this process: a different one changes float reductions, hence the weights.
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *flags, "--experiment", "killed"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+    )  # fmt: skip
+    state = tmp_path / "killed" / "last_state.pt"
+    deadline = time.time() + 300
+    while not state.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # somewhere in epoch 2 (or later)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert state.exists(), "the run was killed before its first checkpoint"
+    epoch_at_kill = load_training_state(state)["epoch"]
+
+    training.main(["--resume", str(tmp_path / "killed")])
+    assert epoch_at_kill <= 3
+    assert _same_weights(tmp_path / "straight" / "last.safetensors", tmp_path / "killed" / "last.safetensors")
+    rows = list(csv.DictReader((tmp_path / "killed" / "summary.csv").open()))
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"]
+    straight = list(csv.DictReader((tmp_path / "straight" / "summary.csv").open()))
+    assert [r["train_loss"] for r in rows] == [r["train_loss"] for r in straight]
+
+
+def test_two_process_distributed_run(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(ROOT / "train.py"), *FAST,
+         "-b", "64", "--epochs", "1", "--output", str(tmp_path), "--experiment", "ddp"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "2 processes (gloo)" in result.stdout and "global batch 128" in result.stdout
+    assert (tmp_path / "ddp" / "results.json").exists()
+    rows = list(csv.DictReader((tmp_path / "ddp" / "summary.csv").open()))
+    assert len(rows) == 1
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    _train(tmp_path, "nan", "--epochs", "1")
+    run = tmp_path / "nan"
+    good = (run / "last.safetensors").read_bytes()
+    monkeypatch.setattr(training, "lr_at_epoch", lambda *a, **k: 1e30)  # epoch 2 diverges
+    with pytest.raises(NonFiniteLossError, match="epoch 2.*last checkpoint is from before this epoch"):
+        training.main(["--resume", str(run), "--epochs", "2"])
+    assert (run / "last.safetensors").read_bytes() == good
+    assert load_training_state(run)["epoch"] == 1
+
+
+def test_yaml_config_and_ema_and_bf16(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(dict(epochs=1, lr=0.05, model_ema=True)))
+    results = training.main(
+        [
+            "-c",
+            str(config),
+            *FAST,
+            "--amp",
+            "--amp-dtype",
+            "bfloat16",
+            "--output",
+            str(tmp_path),
+            "--experiment",
+            "y",
+        ]
+    )
+    state = load_training_state(tmp_path / "y")
+    assert state["args"]["epochs"] == 1 and state["args"]["lr"] == 0.05
+    assert state["ema"] is not None
+    assert results["test"][0]["num_images"] == 300
+
+
+# ------------------------------------------------------------------------------------------- bad input
+def test_router_stage_needs_a_stage1_checkpoint(tmp_path):
+    with pytest.raises(ValueError, match="--initial-checkpoint"):
+        _train(tmp_path, "x", "--stage", "router", "--epochs", "1")
+
+
+def test_distill_needs_a_teacher(tmp_path):
+    with pytest.raises(ValueError, match="--teacher NAME and --teacher-checkpoint"):
+        _train(tmp_path, "x", "--stage", "distill", "--epochs", "1")
+
+
+def test_num_classes_must_match_the_dataset(tmp_path):
+    with pytest.raises(ValueError, match="--num-classes 100 does not match the dataset.*10 classes"):
+        _train(tmp_path, "x", "--num-classes", "100", "--epochs", "1")
+
+
+def test_resume_refuses_changed_arguments(tmp_path):
+    _train(tmp_path, "r", "--epochs", "1")
+    with pytest.raises(ValueError, match=r"--lr 0\.5 \(the run used 0\.1\)"):
+        training.main(["--resume", str(tmp_path / "r"), "--lr", "0.5"])
+
+
+def test_unknown_config_key(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("epochz: 3\n")
+    with pytest.raises(ValueError, match=r"unknown keys in .*\['epochz'\]"):
+        training.main(["-c", str(config)])
+
+
+def test_router_stage_refuses_another_loss(tmp_path):
+    _train(tmp_path, "s1", "--epochs", "1")
+    with pytest.raises(ValueError, match="routing loss"):
+        _train(tmp_path, "s2", "--stage", "router", "--loss", "ce", "--initial-checkpoint",
+               str(tmp_path / "s1" / "last.safetensors"), "--epochs", "1")  # fmt: skip
