@@ -5,7 +5,13 @@ Single process, or distributed with ``torchrun --nproc_per_node=N train.py ...``
 ``ride_models.training``.
 """
 
+import sys
+
+from ride_models.engine import NonFiniteLossError
 from ride_models.training import main
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FileNotFoundError, ValueError, NonFiniteLossError) as error:  # bad input, diverged training
+        sys.exit(f"train.py: error: {error}")

@@ -493,35 +493,37 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     else:
         args = resolve_defaults(args)
         run_dir = _run_dir(args)
-    if d.world_size > 1:  # every rank writes into rank 0's folder
-        shared = [str(run_dir)]
-        dist.broadcast_object_list(shared, src=0)
-        run_dir = Path(shared[0])
-    if d.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    d.barrier()
-    _setup_logging(run_dir, d.is_main)
+    _setup_logging(None, d.is_main)
     if args.deterministic:
         torch.use_deterministic_algorithms(True)
     if d.device.type == "cuda":
         torch.backends.cudnn.benchmark = not args.deterministic
     amp_dtype = getattr(torch, args.amp_dtype) if args.amp else None
-    saved_args = {k: v for k, v in vars(args).items() if k not in ("explicit", "config")}
-    if d.is_main:
-        (run_dir / "args.yaml").write_text(yaml.safe_dump(saved_args, sort_keys=False))
-        _logger.info(f"run folder: {run_dir}")
-    if d.world_size > 1:
-        _logger.info(
-            f"distributed: {d.world_size} processes ({dist.get_backend()}), {args.batch_size} images per "
-            f"process, global batch {args.batch_size * d.world_size}; --lr {args.lr} is used as given"
-        )
 
+    # Data and models first: bad input stops here, before a run folder exists.
     seed_epoch(args.seed, 0)  # the same initial weights on every rank
     with torch.device("meta"):  # only its pretrained_cfg (input size, mean, std) is needed here
         template = timm.create_model(args.model)
     data = build_data(args, d, model=template)
     model = build_model(args, data.num_classes)
     teacher = build_teacher(args, data.num_classes, d.device) if args.stage == "distill" else None
+
+    if d.world_size > 1:  # every rank writes into rank 0's folder
+        shared = [str(run_dir)]
+        dist.broadcast_object_list(shared, src=0)
+        run_dir = Path(shared[0])
+    saved_args = {k: v for k, v in vars(args).items() if k not in ("explicit", "config")}
+    if d.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _setup_logging(run_dir, d.is_main)
+        (run_dir / "args.yaml").write_text(yaml.safe_dump(saved_args, sort_keys=False))
+        _logger.info(f"run folder: {run_dir}")
+    d.barrier()
+    if d.world_size > 1:
+        _logger.info(
+            f"distributed: {d.world_size} processes ({dist.get_backend()}), {args.batch_size} images per "
+            f"process, global batch {args.batch_size * d.world_size}; --lr {args.lr} is used as given"
+        )
     if args.stage == "router":
         model.set_router_training(True)
         model.router.set_trained(True)  # every stage-2 checkpoint routes by default

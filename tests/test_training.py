@@ -146,7 +146,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     assert load_training_state(run)["epoch"] == 1
 
 
-def test_yaml_config_and_ema_and_bf16(tmp_path):
+def test_yaml_config_ema_bf16_channels_last(tmp_path):
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(dict(epochs=1, lr=0.05, model_ema=True)))
     results = training.main(
@@ -157,6 +157,7 @@ def test_yaml_config_and_ema_and_bf16(tmp_path):
             "--amp",
             "--amp-dtype",
             "bfloat16",
+            "--channels-last",
             "--output",
             str(tmp_path),
             "--experiment",
@@ -170,6 +171,16 @@ def test_yaml_config_and_ema_and_bf16(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- bad input
+def test_bad_input_is_one_line_from_the_command_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "--dataset", "cifar100_lt", "--data-dir", "missing"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.startswith("train.py: error: cifar100_lt") and "Traceback" not in result.stderr
+    assert not (tmp_path / "output").exists()  # no run folder for a run that never started
+
+
 def test_router_stage_needs_a_stage1_checkpoint(tmp_path):
     with pytest.raises(ValueError, match="--initial-checkpoint"):
         _train(tmp_path, "x", "--stage", "router", "--epochs", "1")
