@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 import ride_models  # noqa: F401  (registers the models)
 from ride_models.checkpoint import (
+    atomic_write,
     load_model,
     load_training_state,
     load_weights,
@@ -463,8 +464,6 @@ def _write_summary(path: Path, rows: List[Dict[str, Any]]) -> None:
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
-    from ride_models.checkpoint import atomic_write
-
     atomic_write(path, lambda tmp: Path(tmp).write_text(buffer.getvalue()))
 
 

@@ -6,7 +6,7 @@ classifier are replicated into E **experts** of reduced width. The prediction is
 logits, and a **router** (paper section 3.3, ``ride_models.router``) lets confident samples stop after
 the first experts.
 
-Families, as in the official code (``../shared/reference/official_ride/README.md`` describes them):
+Families, as in the official code (frank-xwang/RIDE-LongTailRecognition):
 
 ==================  =========================  ==============================  ======================
 family              shared                     per expert                      classifier input D
