@@ -114,7 +114,7 @@ def load_model(
     name: str,
     *,
     pretrained: bool = False,
-    checkpoint: str | Path | None = None,
+    checkpoint: str | Path | Dict[str, torch.Tensor] | None = None,
     num_classes: Optional[int] = None,
 ) -> nn.Module:
     """Create a RIDE model with timm, sized for its checkpoint, and load the weights.
@@ -122,7 +122,8 @@ def load_model(
     Args:
         name: a ``ride_*`` name, ``hf-hub:...`` or ``local-dir:...``.
         pretrained: load the pretrained weights (timm) first.
-        checkpoint: a weights file (ours or official RIDE) loaded after the pretrained weights.
+        checkpoint: a weights file, or a state dict (ours or official RIDE), loaded after the pretrained
+            weights.
         num_classes: the class count; None takes the checkpoint's (or the pretrained config's).
 
     Raises:
@@ -136,8 +137,11 @@ def load_model(
     from ride_models.models.ride_resnet import summarize_state_dict
 
     state_dict, kwargs = None, {}
-    if checkpoint:
+    if isinstance(checkpoint, dict):
+        state_dict, checkpoint = checkpoint, "(state dict)"
+    elif checkpoint:
         state_dict = read_state_dict(checkpoint)
+    if state_dict is not None:
         ours = rename_official_keys(state_dict) if is_official_state_dict(state_dict) else state_dict
         ckpt_classes = summarize_state_dict(ours)["num_classes"]
         if ckpt_classes is None:

@@ -31,7 +31,9 @@ def test_registered_names():
     assert sorted(timm.list_models("ride_*")) == sorted(EXPECTED_NAMES)
     for name in EXPECTED_NAMES:
         cfg = timm.models.get_pretrained_cfg(name)
-        assert cfg.num_classes == (100 if "resnet32" in name else 1000)
+        # The default tag's classes: CIFAR-100-LT, iNaturalist 2018 (ResNet-50 3/4/6e), else ImageNet-sized.
+        inat = name in ("ride_resnet50_3e", "ride_resnet50_4e", "ride_resnet50_6e")
+        assert cfg.num_classes == (100 if "resnet32" in name else 8142 if inat else 1000)
         assert cfg.input_size == ((3, 32, 32) if "resnet32" in name else (3, 224, 224))
 
 

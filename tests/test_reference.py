@@ -234,7 +234,7 @@ def test_imagenet_parameter_breakdown_matches_manifest(reference_dir):
         official = entry["class"].rsplit(".", 1)[1]
         name = f"{_OFFICIAL_CLASSES[official]}_{entry['ctor']['num_experts']}e"
         with torch.device("meta"):
-            model = timm.create_model(name)
+            model = timm.create_model(name, num_classes=entry["ctor"]["num_classes"])
         ours = {
             "shared:conv1": _count(model.conv1, True),
             "shared:bn1": _count(model.bn1, True),

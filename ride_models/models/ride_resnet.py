@@ -31,13 +31,21 @@ import re
 import warnings
 from collections import OrderedDict
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Type, Union
 
 import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, SelectAdaptivePool2d
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models import (
+    build_model_with_cfg,
+    checkpoint_seq,
+    generate_default_cfgs,
+    get_arch_pretrained_cfgs,
+    get_pretrained_cfg,
+    register_model,
+)
 from torch import nn
 
 from ride_models.data.transforms import CIFAR_MEAN, CIFAR_STD
@@ -912,15 +920,36 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: RIDEResNet) -> Dict[
 
 
 def _create_ride_resnet(variant: str, pretrained: bool = False, **kwargs) -> RIDEResNet:
+    tag = kwargs.get("pretrained_cfg")
+    if isinstance(tag, str):  # timm passes the tag of "name.tag" here
+        known = sorted(name.split(".", 1)[1] for name in get_arch_pretrained_cfgs(variant) if "." in name)
+        if tag not in known:
+            raise RuntimeError(
+                f"unknown pretrained tag {tag!r} for {variant}; known tags: {', '.join(known) or 'none'} "
+                f"(timm.list_pretrained('{variant}.*'))"
+            )
     num_levels = len(kwargs["layers"]) + 1
-    return build_model_with_cfg(
-        RIDEResNet,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(feature_cls="getter", out_indices=tuple(range(num_levels))),
-        **kwargs,
-    )
+    try:
+        return build_model_with_cfg(
+            RIDEResNet,
+            variant,
+            pretrained,
+            pretrained_filter_fn=checkpoint_filter_fn,
+            feature_cfg=dict(feature_cls="getter", out_indices=tuple(range(num_levels))),
+            **kwargs,
+        )
+    except OSError as error:  # no network and not in the cache (huggingface_hub's errors are OSErrors)
+        if not pretrained:
+            raise
+        name = f"{variant}.{tag}" if isinstance(tag, str) else variant
+        cfg = get_pretrained_cfg(name)  # registered: the variant exists and the tag was checked above
+        raise RuntimeError(
+            f"the pretrained weights of {name} could not be loaded from {cfg.hf_hub_id}: {error}\n"
+            f"Without a network, put model.safetensors from https://huggingface.co/{cfg.hf_hub_id} into the "
+            "Hugging Face cache on this machine, or pass pretrained_cfg_overlay=dict(file='/path/to/"
+            f"model.safetensors'); the official checkpoint ({cfg.origin_url}) converts with "
+            "python -m ride_models.hub convert"
+        ) from error
 
 
 def _cfg(num_experts: int, **kwargs) -> Dict[str, Any]:
@@ -944,25 +973,118 @@ def _cfg(num_experts: int, **kwargs) -> Dict[str, Any]:
 
 
 def _cifar_cfg(num_experts: int, **kwargs) -> Dict[str, Any]:
-    return _cfg(
-        num_experts,
+    cifar = dict(
         num_classes=100,
         input_size=(3, 32, 32),
         pool_size=(8, 8),
         crop_pct=1.0,
         mean=CIFAR_MEAN,
         std=CIFAR_STD,
-        **kwargs,
+    )
+    return _cfg(num_experts, **{**cifar, **kwargs})
+
+
+HUB_ORG = "ride-models"  # the Hugging Face Hub organisation the published weights are pushed to
+
+
+@dataclass(frozen=True)
+class PublishedCheckpoint:
+    """A checkpoint of the official model zoo (converted with ``python -m ride_models.hub convert``)."""
+
+    dataset: str  # the benchmark, as the model card names it
+    recipe: str  # how it was trained
+    top1: float  # top-1 % on the benchmark's test set, as the official MODEL_ZOO reports it
+    many: float
+    medium: float
+    few: float
+    origin_url: str  # the official download
+    routed: bool  # has a trained router (an EA checkpoint)
+
+
+_DRIVE = "https://drive.google.com/file/d/{}/view?usp=sharing"
+_DRIVE_FOLDER = "https://drive.google.com/drive/folders/{}?usp=sharing"
+_CIFAR100_LT = "CIFAR-100-LT (imbalance ratio 100)"
+# The official MODEL_ZOO.md (frank-xwang/RIDE-LongTailRecognition); the first tag of a model is its default.
+PUBLISHED_CHECKPOINTS: Dict[str, PublishedCheckpoint] = {
+    "ride_resnet32_3e.cifar100_lt_r100": PublishedCheckpoint(
+        _CIFAR100_LT, "RIDE, 3 experts, with router", 48.6, 67.0, 49.9, 25.7,
+        _DRIVE.format("1uE8I_2JcslWGPu4O0nAFEIk7iR_Sw5lS"), routed=True,
+    ),
+    "ride_resnet32_3e.cifar100_lt_r100_distill": PublishedCheckpoint(
+        _CIFAR100_LT, "RIDE, 3 experts distilled from 6, with router", 49.0, 67.6, 50.9, 25.2,
+        _DRIVE.format("1W-EICEpAavKzlnayiFPvb5cDyGCBl34l"), routed=True,
+    ),
+    "ride_resnet32_4e.cifar100_lt_r100_distill": PublishedCheckpoint(
+        _CIFAR100_LT, "RIDE, 4 experts distilled from 6, with router", 49.4, 67.7, 51.3, 25.7,
+        _DRIVE.format("11kyxcYIh3bXk3mn3Y8EENHcsx-Ld9PXH"), routed=True,
+    ),
+    "ride_resnet32_6e.cifar100_lt_r100": PublishedCheckpoint(
+        _CIFAR100_LT, "RIDE, 6 experts (the distillation teacher), no router", 50.2, 69.3, 52.1, 25.8,
+        _DRIVE.format("1kq8SaoHUujqIOplsKUNRpKM7UQR0qg-k"), routed=False,
+    ),
+    "ride_resnext50_3e.imagenet_lt": PublishedCheckpoint(
+        "ImageNet-LT", "RIDE, 3 experts, with router", 55.7, 67.0, 52.2, 36.0,
+        _DRIVE.format("1d4PHfWZ_rfTRDIJG5sogK1cO0BRoi9d9"), routed=True,
+    ),
+    "ride_resnext50_4e.imagenet_lt_distill": PublishedCheckpoint(
+        "ImageNet-LT", "RIDE, 4 experts distilled from 6, with router", 56.8, 68.3, 53.5, 35.9,
+        _DRIVE.format("1G3aT7YzEixb0mSQBpZpuUfTT3b9YsSbz"), routed=True,
+    ),
+    "ride_resnext50_6e.imagenet_lt": PublishedCheckpoint(
+        "ImageNet-LT", "RIDE, 6 experts (the distillation teacher), no router", 57.5, 68.9, 54.3, 36.5,
+        _DRIVE.format("1hJyMgbv0JSisXCiHpC1xcHhbGXJP8K8a"), routed=False,
+    ),
+    "ride_resnet50_3e.inat2018": PublishedCheckpoint(
+        "iNaturalist 2018", "RIDE, 3 experts, with router", 71.2, 70.2, 71.2, 71.6,
+        _DRIVE.format("1KVrKrQXsuzeeb2oFzjloEf2XrvIfb42u"), routed=True,
+    ),
+    "ride_resnet50_4e.inat2018_distill_200ep": PublishedCheckpoint(
+        "iNaturalist 2018", "RIDE, 4 experts distilled from 6, router, 200 epochs", 73.2, 70.5, 73.7, 73.3,
+        _DRIVE_FOLDER.format("1Kz-SwP6vRx7ktZhYWLmJLG6uprkj38vp"), routed=True,
+    ),
+    "ride_resnet50_4e.inat2018_distill": PublishedCheckpoint(
+        "iNaturalist 2018", "RIDE, 4 experts distilled from 6, with router (fp16)", 72.6, 70.9, 72.5, 73.1,
+        _DRIVE.format("1PdfWVQlsTjPFDr7bTFeUUskh2RA6Mb_r"), routed=True,
+    ),
+    "ride_resnet50_6e.inat2018_300ep": PublishedCheckpoint(
+        "iNaturalist 2018", "RIDE, 6 experts, no router, 300 epochs", 74.6, 71.0, 75.7, 74.3,
+        _DRIVE_FOLDER.format("1fyPJdgsLLTA7JE6uzUZmPanh1e1I8rKy"), routed=False,
+    ),
+    "ride_resnet50_6e.inat2018": PublishedCheckpoint(
+        "iNaturalist 2018", "RIDE, 6 experts (the distillation teacher), no router", 72.9, 71.1, 72.9, 73.3,
+        _DRIVE.format("1DtLlx3be7WCmtVzoGBSGCiImQDJNxHGJ"), routed=False,
+    ),
+}  # fmt: skip
+_NUM_CLASSES = {_CIFAR100_LT: 100, "ImageNet-LT": 1000, "iNaturalist 2018": 8142}
+
+
+def _published_cfg(name_tag: str, ckpt: PublishedCheckpoint) -> Dict[str, Any]:
+    num_experts = int(name_tag.split(".")[0].rsplit("_", 1)[1].rstrip("e"))
+    make = _cifar_cfg if name_tag.startswith("ride_resnet32") else _cfg
+    return make(
+        num_experts,
+        hf_hub_id=f"{HUB_ORG}/{name_tag}",
+        num_classes=_NUM_CLASSES[ckpt.dataset],
+        origin_url=ckpt.origin_url,
+        description=(
+            f"{ckpt.recipe}, trained on {ckpt.dataset} by the RIDE authors; top-1 {ckpt.top1} "
+            f"(many {ckpt.many} / medium {ckpt.medium} / few {ckpt.few}) in the official model zoo"
+        ),
     )
 
 
 _EXPERT_COUNTS = (2, 3, 4, 6)
+_UNPUBLISHED = {
+    **{f"ride_resnet32_{e}e": _cifar_cfg(e) for e in _EXPERT_COUNTS},
+    **{
+        f"ride_{arch}_{e}e": _cfg(e) for arch in ("resnet10", "resnet50", "resnext50") for e in _EXPERT_COUNTS
+    },
+}
+_PUBLISHED_ARCHS = {name_tag.split(".")[0] for name_tag in PUBLISHED_CHECKPOINTS}
 default_cfgs = generate_default_cfgs(
     {
-        **{f"ride_resnet32_{e}e": _cifar_cfg(e) for e in _EXPERT_COUNTS},
-        **{f"ride_resnet10_{e}e": _cfg(e) for e in _EXPERT_COUNTS},
-        **{f"ride_resnet50_{e}e": _cfg(e) for e in _EXPERT_COUNTS},
-        **{f"ride_resnext50_{e}e": _cfg(e) for e in _EXPERT_COUNTS},
+        **{name_tag: _published_cfg(name_tag, ckpt) for name_tag, ckpt in PUBLISHED_CHECKPOINTS.items()},
+        **{name: cfg for name, cfg in _UNPUBLISHED.items() if name not in _PUBLISHED_ARCHS},
     }
 )
 
