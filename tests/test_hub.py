@@ -1,0 +1,344 @@
+"""Publishing: official checkpoints read safely and converted; exported folders load every timm way."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+
+import ride_models  # noqa: F401
+from ride_models import hub, training
+from ride_models.convert import convert_official_state_dict
+from ride_models.hub import UnsafeCheckpointError, read_official_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+NAME, TAG = "ride_resnet32_3e", "cifar100_lt_r100"
+
+
+def _research_module(tmp_path: Path, name: str, source: str):
+    """Import a stand-in of a research-code module from tmp_path; the caller removes it again."""
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
+    sys.path.insert(0, str(tmp_path))
+    return importlib.import_module(name)
+
+
+def _forget(name: str, tmp_path: Path) -> None:
+    sys.modules.pop(name, None)
+    sys.path.remove(str(tmp_path))
+
+
+def _official_pth(tmp_path: Path, state_dict: dict, name: str = "official.pth") -> Path:
+    """An official-style training checkpoint: DataParallel keys, optimizer, a research-code config object
+    (with pathlib paths and an OrderedDict, as the official ConfigParser), a numpy monitor_best."""
+    research = _research_module(
+        tmp_path,
+        "parse_config",
+        """
+        from collections import OrderedDict
+        from pathlib import Path
+
+        class ConfigParser:
+            def __init__(self, config):
+                self._config = OrderedDict(config)
+                self.resume = Path("saved/models/run/model_best.pth")
+                self._save_dir = Path("saved") / "models" / "run"
+                self.log_levels = {0: 30, 1: 20, 2: 10}
+        """,
+    )
+    path = tmp_path / name
+    checkpoint = {
+        "arch": "ResNet32EAModel",
+        "epoch": 5,
+        "state_dict": OrderedDict(("module." + k, v) for k, v in state_dict.items()),
+        "optimizer": {"state": {}, "param_groups": [{"lr": 0.01, "params": [0, 1]}]},
+        "monitor_best": np.float64(48.6),
+        "config": research.ConfigParser(
+            {"name": "Imbalance_CIFAR100LT_RIDE_EA", "arch": {"type": "ResNet32EAModel"}}
+        ),
+        "criterion": OrderedDict(),
+    }
+    torch.save(checkpoint, path)
+    _forget("parse_config", tmp_path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def official_ea(reference_dir):
+    return {
+        **load_file(reference_dir / "cifar_ride_resnet32_e3_state_dict.safetensors"),
+        **load_file(reference_dir / "cifar_ea_resnet32_e3_router_state_dict.safetensors"),
+    }
+
+
+@pytest.fixture(scope="module")
+def ea_io(reference_dir):
+    return load_file(reference_dir / "cifar_ea_resnet32_e3_io.safetensors")
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory, official_ea):
+    tmp = tmp_path_factory.mktemp("convert")
+    pth = _official_pth(tmp, official_ea)
+    out = hub.main(["convert", str(pth), "--model", NAME, "--tag", TAG, "--out", str(tmp / "folder")])
+    return Path(out)
+
+
+def test_official_checkpoint_is_read_without_its_code(tmp_path, official_ea):
+    checkpoint = read_official_checkpoint(_official_pth(tmp_path, official_ea))
+    assert "parse_config" not in sys.modules
+    assert checkpoint["epoch"] == 5 and float(checkpoint["monitor_best"]) == 48.6
+    assert torch.equal(
+        checkpoint["state_dict"]["module.backbone.conv1.weight"], official_ea["backbone.conv1.weight"]
+    )
+    config = checkpoint["config"]
+    assert (
+        config.state["_save_dir"] == "saved/models/run"
+        and config.state["_config"]["arch"]["type"] == "ResNet32EAModel"
+    )
+
+
+def test_convert_writes_a_timm_folder_with_identical_outputs(converted, official_ea, ea_io):
+    assert sorted(p.name for p in converted.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    config = json.loads((converted / "config.json").read_text())
+    assert config["architecture"] == NAME and config["num_classes"] == 100
+    assert config["pretrained_cfg"]["mean"] == [0.4914, 0.4822, 0.4465]
+    card = (converted / "README.md").read_text()
+    assert "library_name: timm" in card and "| router | 48.6 | 67.0 | 49.9 | 25.7 |" in card
+    assert "@inproceedings{wang2021longtailed" in card and f"hf-hub:ride-models/{NAME}.{TAG}" in card
+
+    model = timm.create_model(f"local-dir:{converted}", pretrained=True).eval()
+    direct = timm.create_model(NAME)
+    direct.load_state_dict(convert_official_state_dict(official_ea, NAME))
+    direct.eval()
+    assert model.routing == "router"
+    with torch.no_grad():
+        y, n = model.forward_routed(ea_io["input"])
+        y_direct, _ = direct.forward_routed(ea_io["input"])
+    assert torch.equal(y, y_direct)
+    assert torch.equal(n, ea_io["num_experts_for_each_sample"].squeeze(1))
+    torch.testing.assert_close(y, ea_io["routed_output_eval_fp32"], atol=1e-4, rtol=1e-5)
+
+
+def test_folder_loads_through_a_file_overlay(converted, ea_io):
+    model = timm.create_model(
+        NAME, pretrained=True, pretrained_cfg_overlay=dict(file=str(converted / "model.safetensors"))
+    )
+    with torch.no_grad():
+        out = model.eval()(ea_io["input"])
+    torch.testing.assert_close(out, ea_io["routed_output_eval_fp32"], atol=1e-4, rtol=1e-5)
+
+
+def test_offline_huggingface_cache(converted, tmp_path, ea_io):
+    """A cache laid out as the Hub fills it, HF_HUB_OFFLINE=1: by name (default tag), name.tag and hf-hub:."""
+    repo = tmp_path / "hub" / f"models--ride-models--{NAME}.{TAG}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for name in ("model.safetensors", "config.json", "README.md"):
+        (snapshot / name).write_bytes((converted / name).read_bytes())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    save_file({"x": ea_io["input"]}, str(tmp_path / "input.safetensors"))
+    script = textwrap.dedent(
+        f"""
+        import timm, torch, ride_models
+        from safetensors.torch import load_file
+        x = load_file({str(tmp_path / "input.safetensors")!r})["x"]
+        for name in ({NAME!r}, {f"{NAME}.{TAG}"!r}, {f"hf-hub:ride-models/{NAME}.{TAG}"!r}):
+            with torch.no_grad():
+                print(name, timm.create_model(name, pretrained=True).eval()(x).sum().item())
+        """
+    )
+    env = dict(
+        os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"), HF_HOME=str(tmp_path / "home")
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    sums = [float(line.split()[-1]) for line in result.stdout.splitlines()]
+    expected = ea_io["routed_output_eval_fp32"].sum().item()
+    assert len(sums) == 3 and all(abs(s - expected) < 1e-2 for s in sums)
+
+
+def test_no_network_and_no_cache_says_what_to_do(tmp_path):
+    script = f"import timm, ride_models; timm.create_model({NAME!r}, pretrained=True)"
+    env = dict(
+        os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "empty"), HF_HOME=str(tmp_path / "home")
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert result.returncode != 0
+    assert f"could not be loaded from ride-models/{NAME}.{TAG}" in result.stderr
+    assert "pretrained_cfg_overlay=dict(file=" in result.stderr and "ride_models.hub convert" in result.stderr
+
+
+def test_torch_hub_local(converted, ea_io):
+    model = torch.hub.load(str(ROOT), "ride_resnet32_4e", source="local", pretrained=False, num_classes=10)
+    assert model.num_classes == 10 and model.num_experts == 4
+    overlay = dict(file=str(converted / "model.safetensors"))
+    model = torch.hub.load(str(ROOT), NAME, source="local", pretrained=True, pretrained_cfg_overlay=overlay)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model.eval()(ea_io["input"]), ea_io["routed_output_eval_fp32"], atol=1e-4, rtol=1e-5
+        )
+    spec = importlib.util.spec_from_file_location("hubconf", ROOT / "hubconf.py")
+    hubconf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hubconf)
+    assert set(timm.list_models("ride_*")) <= set(dir(hubconf)) and "timm" in hubconf.dependencies
+
+
+def test_export_a_training_run(tmp_path):
+    run = tmp_path / "run"
+    training.main(
+        [
+            "--model",
+            "ride_resnet32_2e",
+            "--epochs",
+            "1",
+            "-b",
+            "128",
+            "--workers",
+            "0",
+            "--output",
+            str(tmp_path),
+            "--experiment",
+            "run",
+        ]
+    )
+    out = hub.main(["export", str(run), "--out", str(tmp_path / "export")])
+    model = timm.create_model(f"local-dir:{out}", pretrained=True)
+    weights = load_file(run / "last.safetensors")
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    card = (Path(out) / "README.md").read_text()
+    results = json.loads((run / "results.json").read_text())["test"][0]
+    assert (
+        f"| all | {results['top1']:.1f} |" in card and "digits_lt" in card and "ride-models train.py" in card
+    )
+
+
+def test_push_uploads_with_the_token_from_the_environment(converted, monkeypatch):
+    calls = []
+
+    class FakeApi:
+        def __init__(self, token):
+            calls.append(("token", token))
+
+        def create_repo(self, repo_id, exist_ok, private):
+            calls.append(("create", repo_id, exist_ok, private))
+
+        def upload_folder(self, folder_path, repo_id, commit_message):
+            calls.append(("upload", folder_path, repo_id))
+            return "https://huggingface.co/ride-models/x/commit/1"
+
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    url = hub.main(["push", str(converted), "--repo-id", "ride-models/x"])
+    assert url.endswith("/commit/1")
+    assert calls == [
+        ("token", "hf_test"),
+        ("create", "ride-models/x", True, False),
+        ("upload", str(converted), "ride-models/x"),
+    ]
+    monkeypatch.delenv("HF_TOKEN")
+    with pytest.raises(ValueError, match="set HF_TOKEN"):
+        hub.main(["push", str(converted), "--repo-id", "ride-models/x"])
+
+
+# ------------------------------------------------------------------------------------------- bad input
+def test_checkpoint_for_another_architecture(tmp_path, official_ea):
+    pth = _official_pth(tmp_path, official_ea)
+    with pytest.raises(ValueError, match="its experts is 3, ride_resnet32_4e has 4"):
+        hub.main(["convert", str(pth), "--model", "ride_resnet32_4e", "--out", str(tmp_path / "x")])
+    with pytest.raises(ValueError, match="its architecture is resnet32, ride_resnet50_3e has resnet50"):
+        hub.main(["convert", str(pth), "--model", "ride_resnet50_3e", "--out", str(tmp_path / "x")])
+
+
+def test_checkpoint_with_wrong_shapes_lists_them(tmp_path, official_ea):
+    broken = dict(official_ea)
+    broken["backbone.layer1.0.conv1.weight"] = torch.zeros(16, 3, 3, 3)
+    pth = _official_pth(tmp_path, broken)
+    with pytest.raises(
+        ValueError, match=r"layer1\.0\.conv1\.weight: given \(16, 3, 3, 3\), expected \(16, 16, 3, 3\)"
+    ):
+        hub.main(["convert", str(pth), "--model", NAME, "--out", str(tmp_path / "x")])
+
+
+def test_truncated_and_corrupted_files(tmp_path, official_ea):
+    data = _official_pth(tmp_path, official_ea).read_bytes()
+    for name, content in (
+        ("half.pth", data[: len(data) // 2]),
+        ("tail.pth", data[:-40]),
+        ("junk.pth", b"not a checkpoint"),
+    ):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ValueError, match=r"truncated or corrupted"):
+            read_official_checkpoint(tmp_path / name)
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        read_official_checkpoint(tmp_path / "absent.pth")
+
+
+def test_pickles_that_need_code_execution_are_refused(tmp_path):
+    marker = tmp_path / "ran"
+    evil = _research_module(
+        tmp_path,
+        "evil_payload",
+        f"""
+        import os
+
+        class Payload:
+            def __reduce__(self):
+                return (os.system, ("touch {marker}",))
+
+        class Constructed:
+            def __init__(self, cmd):
+                self.cmd = cmd
+
+            def __reduce__(self):
+                return (Constructed, (self.cmd,))
+        """,
+    )
+    torch.save({"state_dict": {}, "config": evil.Payload()}, tmp_path / "system.pth")
+    torch.save({"state_dict": {}, "config": evil.Constructed("x")}, tmp_path / "construct.pth")
+    _forget("evil_payload", tmp_path)
+    with pytest.raises(UnsafeCheckpointError, match=r"execute code.*posix\.system|execute code.*os\.system"):
+        read_official_checkpoint(tmp_path / "system.pth")
+    with pytest.raises(UnsafeCheckpointError, match=r"would call evil_payload\.Constructed\(\.\.\.\)"):
+        read_official_checkpoint(tmp_path / "construct.pth")
+    assert not marker.exists()
+
+
+def test_unknown_tag_lists_the_known_ones(tmp_path, official_ea):
+    pth = _official_pth(tmp_path, official_ea)
+    known = "known tags: cifar100_lt_r100, cifar100_lt_r100_distill"
+    with pytest.raises(ValueError, match=f"unknown tag 'nope' for ride_resnet32_3e; {known}"):
+        hub.main(["convert", str(pth), "--model", NAME, "--tag", "nope", "--out", str(tmp_path / "x")])
+    with pytest.raises(RuntimeError, match=f"unknown pretrained tag 'nope' for ride_resnet32_3e; {known}"):
+        timm.create_model(f"{NAME}.nope")
+
+
+def test_published_configs():
+    published = timm.list_pretrained("ride_*")
+    assert len(published) == 12
+    for name_tag in published:
+        cfg = timm.models.get_pretrained_cfg(name_tag)
+        assert cfg.hf_hub_id == f"ride-models/{name_tag}" and cfg.license == "mit"
+        assert (
+            cfg.origin_url.startswith("https://drive.google.com/") and "official model zoo" in cfg.description
+        )
+    assert timm.models.get_pretrained_cfg("ride_resnet50_4e").tag == "inat2018_distill_200ep"  # best first
+    assert timm.models.get_pretrained_cfg("ride_resnet50_3e.inat2018").num_classes == 8142
