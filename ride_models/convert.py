@@ -114,7 +114,8 @@ def convert_to_model(state_dict: Dict[str, torch.Tensor], model: RIDEResNet) -> 
     for label, given, wanted in architecture_differences(mapped, expected):
         hint = f"; create the model with num_classes={given}" if label == "classes" else ""
         raise ValueError(
-            f"the official state dict does not fit {name}: its {label} is {given}, {name} has {wanted}{hint}"
+            f"the official state dict does not fit {name}: {label}: {given} in the checkpoint, "
+            f"{wanted} in the model{hint}"
         )
     has_router = any(k.startswith("router.") for k in mapped)
     if has_router:

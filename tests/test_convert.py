@@ -120,12 +120,14 @@ def test_use_norm_false_heads_keep_their_layout():
 
 # ------------------------------------------------------------------------------------------- bad input
 def test_wrong_expert_count(official_e3):
-    with pytest.raises(ValueError, match="its experts is 3, ride_resnet32_4e has 4"):
+    with pytest.raises(
+        ValueError, match="fit ride_resnet32_4e: experts: 3 in the checkpoint, 4 in the model"
+    ):
         convert_official_state_dict(official_e3, "ride_resnet32_4e")
 
 
 def test_wrong_family(official_e3):
-    with pytest.raises(ValueError, match="its architecture is resnet32, ride_resnet10_3e has resnet10"):
+    with pytest.raises(ValueError, match="architecture: resnet32 in the checkpoint, resnet10 in the model"):
         convert_official_state_dict(official_e3, "ride_resnet10_3e")
 
 

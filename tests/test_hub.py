@@ -262,9 +262,11 @@ def test_push_uploads_with_the_token_from_the_environment(converted, monkeypatch
 # ------------------------------------------------------------------------------------------- bad input
 def test_checkpoint_for_another_architecture(tmp_path, official_ea):
     pth = _official_pth(tmp_path, official_ea)
-    with pytest.raises(ValueError, match="its experts is 3, ride_resnet32_4e has 4"):
+    with pytest.raises(
+        ValueError, match="fit ride_resnet32_4e: experts: 3 in the checkpoint, 4 in the model"
+    ):
         hub.main(["convert", str(pth), "--model", "ride_resnet32_4e", "--out", str(tmp_path / "x")])
-    with pytest.raises(ValueError, match="its architecture is resnet32, ride_resnet50_3e has resnet50"):
+    with pytest.raises(ValueError, match="architecture: resnet32 in the checkpoint, resnet50 in the model"):
         hub.main(["convert", str(pth), "--model", "ride_resnet50_3e", "--out", str(tmp_path / "x")])
 
 
