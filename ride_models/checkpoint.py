@@ -12,20 +12,25 @@ crash leaves the previous version intact, never a half-written one.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
+import zipfile
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Dict, Optional
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 __all__ = [
+    "UnsafeCheckpointError",
     "atomic_write",
     "load_training_state",
     "load_weights",
     "read_state_dict",
+    "safe_torch_load",
     "save_training_state",
     "save_weights",
 ]
@@ -74,21 +79,134 @@ def load_training_state(path: str | Path) -> Dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+# ------------------------------------------------------------------------------- safe unpickling
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint that would execute code (call a function) while being loaded."""
+
+
+class _StandIn:
+    """What an object of a research-code class becomes: the data it was pickled with, never its code.
+
+    Unpickling may create it (``cls.__new__``) and fill its state (``__setstate__``), both defined here. A
+    pickle that calls the class (or a function of that name) with arguments is asking to run code: refused.
+    """
+
+    qualified_name = "?"
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> _StandIn:
+        return super().__new__(cls)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        raise UnsafeCheckpointError(
+            f"loading this checkpoint would call {self.qualified_name}(...), i.e. run code named by the file"
+        )
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"<{self.qualified_name} (not imported)>"
+
+
+def _pure_path(cls: type) -> Callable[..., str]:
+    def build(*parts: Any) -> str:  # pure paths never touch the filesystem
+        return str(cls(*parts))
+
+    return build
+
+
+def _numpy_scalar() -> Callable:
+    core = getattr(np, "_core", None) or np.core
+    return core.multiarray.scalar
+
+
+# Constructors the research code's objects legitimately pickle through REDUCE, mapped to side-effect-free
+# equivalents: pathlib paths (ConfigParser keeps its save and log folders as paths) and numpy scalars.
+_SAFE_CALLS: Dict[str, Callable[[], Callable]] = {
+    **{
+        f"pathlib.{module}{cls}": (lambda c=pure: _pure_path(c))
+        for module in ("", "_local.")
+        for cls, pure in (
+            ("PosixPath", PurePosixPath),
+            ("PurePosixPath", PurePosixPath),
+            ("WindowsPath", PureWindowsPath),
+            ("PureWindowsPath", PureWindowsPath),
+            ("Path", PurePosixPath),
+        )
+    },
+    "numpy.core.multiarray.scalar": _numpy_scalar,
+    "numpy._core.multiarray.scalar": _numpy_scalar,
+    "numpy.dtype": lambda: np.dtype,
+}
+
+
+def _resolve_global(name: str) -> Any:
+    if name in _SAFE_CALLS:
+        return _SAFE_CALLS[name]()
+    if (
+        name.startswith("numpy.dtypes.")
+        and hasattr(np, "dtypes")
+        and hasattr(np.dtypes, name.rsplit(".", 1)[1])
+    ):
+        return getattr(np.dtypes, name.rsplit(".", 1)[1])
+    module, _, cls = name.rpartition(".")
+    return type(
+        cls, (_StandIn,), {"qualified_name": name, "__module__": f"ride_models.checkpoint.standin.{module}"}
+    )
+
+
+def safe_torch_load(path: str | Path) -> Any:
+    """``torch.load`` of a file written by ``torch.save``, without executing code from it.
+
+    Tensors and containers load as with ``weights_only=True``; objects of classes that are not installed
+    (the official RIDE checkpoints' ``config``) become inert stand-ins holding their pickled data in
+    ``.state``; pathlib paths and numpy scalars are rebuilt by side-effect-free constructors.
+
+    Raises:
+        FileNotFoundError: no such file.
+        UnsafeCheckpointError: the file would call a function while loading.
+        ValueError: the file is truncated, corrupted or not a PyTorch checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        if not zipfile.is_zipfile(path):  # torch's legacy format: plain weights_only loading only
+            return torch.load(path, map_location="cpu", weights_only=True)
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        allowed = [(_resolve_global(n), n) for n in names]
+        if "numpy.dtype" in names and hasattr(np, "dtypes"):  # a dtype is rebuilt as an instance of these
+            allowed += [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
+        with torch.serialization.safe_globals(allowed):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        # torch re-raises everything as UnpicklingError; our stand-ins' refusal and torch's own blocked
+        # modules (os, posix, subprocess, ...) both mean the file asks to run code.
+        unsafe = re.search(
+            r"(loading this checkpoint would call [^;\n]*|unsupported GLOBAL [^\n]*)", str(error)
+        )
+        if unsafe:
+            raise UnsafeCheckpointError(
+                f"{path} would execute code when loaded ({unsafe.group(1).rstrip('.')}); refused: only "
+                "tensors, containers and objects rebuilt from plain data are read"
+            ) from None
+        raise ValueError(
+            f"{path} cannot be read as a checkpoint (truncated or corrupted? {path.stat().st_size} bytes; "
+            f"download it again): {error}"
+        ) from error
+    return checkpoint
+
+
 def read_state_dict(path: str | Path) -> Dict[str, torch.Tensor]:
     """The state dict in a weights file: ``.safetensors``, or a ``.pth``/``.pt``/``.bin`` file holding a state
-    dict directly or under ``state_dict`` / ``model`` (read with ``weights_only=True``)."""
+    dict directly or under ``state_dict`` / ``model`` (an official RIDE training checkpoint included), read
+    without executing code (:func:`safe_torch_load`)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
         return load_file(path)
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # pickled objects other than tensors and containers are refused
-        raise ValueError(
-            f"{path} cannot be read without executing code from it ({type(error).__name__}); "
-            "save the state dict alone (torch.save(model.state_dict(), ...)) or as .safetensors"
-        ) from error
+    checkpoint = safe_torch_load(path)
     if isinstance(checkpoint, dict):
         for key in ("state_dict", "model"):
             if isinstance(checkpoint.get(key), dict):

@@ -21,19 +21,16 @@ import argparse
 import json
 import math
 import os
-import re
 import sys
-import zipfile
-from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
 
-import numpy as np
 import torch
 import yaml
 from timm.models import get_pretrained_cfg, save_for_hf
 from torch import nn
 
-from ride_models.checkpoint import load_model
+from ride_models.checkpoint import UnsafeCheckpointError, load_model, safe_torch_load
 from ride_models.convert import convert_official_state_dict
 from ride_models.flops import count_macs
 from ride_models.models.ride_resnet import HUB_ORG, PUBLISHED_CHECKPOINTS
@@ -60,120 +57,19 @@ FOLDER_FILES = ("model.safetensors", "config.json", "README.md")
 
 
 # ------------------------------------------------------------------------------- reading official files
-class UnsafeCheckpointError(ValueError):
-    """A checkpoint that would execute code (call a function) while being loaded."""
-
-
-class _StandIn:
-    """What an object of a research-code class becomes: the data it was pickled with, never its code.
-
-    Unpickling may create it (``cls.__new__``) and fill its state (``__setstate__``), both defined here. A
-    pickle that calls the class (or a function of that name) with arguments is asking to run code: refused.
-    """
-
-    qualified_name = "?"
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> _StandIn:
-        return super().__new__(cls)
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        raise UnsafeCheckpointError(
-            f"loading this checkpoint would call {self.qualified_name}(...), i.e. run code named by the file"
-        )
-
-    def __setstate__(self, state: Any) -> None:
-        self.state = state
-
-    def __repr__(self) -> str:
-        return f"<{self.qualified_name} (not imported)>"
-
-
-def _pure_path(cls: type) -> Callable[..., str]:
-    def build(*parts: Any) -> str:  # pure paths never touch the filesystem
-        return str(cls(*parts))
-
-    return build
-
-
-def _numpy_scalar() -> Callable:
-    core = getattr(np, "_core", None) or np.core
-    return core.multiarray.scalar
-
-
-# Constructors the research code's objects legitimately pickle through REDUCE, mapped to side-effect-free
-# equivalents: pathlib paths (ConfigParser keeps its save and log folders as paths) and numpy scalars.
-_SAFE_CALLS: Dict[str, Callable[[], Callable]] = {
-    **{
-        f"pathlib.{module}{cls}": (lambda c=pure: _pure_path(c))
-        for module in ("", "_local.")
-        for cls, pure in (
-            ("PosixPath", PurePosixPath),
-            ("PurePosixPath", PurePosixPath),
-            ("WindowsPath", PureWindowsPath),
-            ("PureWindowsPath", PureWindowsPath),
-            ("Path", PurePosixPath),
-        )
-    },
-    "numpy.core.multiarray.scalar": _numpy_scalar,
-    "numpy._core.multiarray.scalar": _numpy_scalar,
-    "numpy.dtype": lambda: np.dtype,
-}
-
-
-def _resolve_global(name: str) -> Any:
-    if name in _SAFE_CALLS:
-        return _SAFE_CALLS[name]()
-    if (
-        name.startswith("numpy.dtypes.")
-        and hasattr(np, "dtypes")
-        and hasattr(np.dtypes, name.rsplit(".", 1)[1])
-    ):
-        return getattr(np.dtypes, name.rsplit(".", 1)[1])
-    module, _, cls = name.rpartition(".")
-    return type(cls, (_StandIn,), {"qualified_name": name, "__module__": f"ride_models.hub.standin.{module}"})
-
-
 def read_official_checkpoint(path: str | Path) -> Dict[str, Any]:
     """Read an official RIDE checkpoint (``.pth``) without its research code and without executing code.
 
     Returns:
         The checkpoint dict; ``state_dict`` holds the tensors, research-code objects (``config``) are
-        inert stand-ins whose pickled data is in ``.state``.
+        inert stand-ins whose pickled data is in ``.state`` (:func:`~ride_models.checkpoint.safe_torch_load`).
 
     Raises:
         FileNotFoundError: no such file.
         UnsafeCheckpointError: the file would call a function while loading.
         ValueError: the file is truncated, corrupted, not a PyTorch checkpoint, or has no ``state_dict``.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if not zipfile.is_zipfile(path):
-        raise ValueError(
-            f"{path} is not a PyTorch checkpoint in torch.save's zip format (truncated or corrupted? "
-            f"{path.stat().st_size} bytes); download it again"
-        )
-    try:
-        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-        allowed = [(_resolve_global(n), n) for n in names]
-        if "numpy.dtype" in names and hasattr(np, "dtypes"):  # a dtype is rebuilt as an instance of these
-            allowed += [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
-        with torch.serialization.safe_globals(allowed):
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        # torch re-raises everything as UnpicklingError; our stand-ins' refusal and torch's own blocked
-        # modules (os, posix, subprocess, ...) both mean the file asks to run code.
-        unsafe = re.search(
-            r"(loading this checkpoint would call [^;\n]*|unsupported GLOBAL [^\n]*)", str(error)
-        )
-        if unsafe:
-            raise UnsafeCheckpointError(
-                f"{path} would execute code when loaded ({unsafe.group(1).rstrip('.')}); refused: only "
-                "tensors, containers and objects rebuilt from plain data are read"
-            ) from None
-        raise ValueError(
-            f"{path} cannot be read as a checkpoint (truncated or corrupted?): {error}"
-        ) from error
+    checkpoint = safe_torch_load(path)
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         keys = sorted(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise ValueError(

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 import ride_models  # noqa: F401
 from ride_models import hub, training
+from ride_models.checkpoint import load_model
 from ride_models.convert import convert_official_state_dict
 from ride_models.hub import UnsafeCheckpointError, read_official_checkpoint
 
@@ -106,6 +107,16 @@ def test_official_checkpoint_is_read_without_its_code(tmp_path, official_ea):
         config.state["_save_dir"] == "saved/models/run"
         and config.state["_config"]["arch"]["type"] == "ResNet32EAModel"
     )
+
+
+def test_official_training_checkpoint_loads_wherever_weights_are_read(tmp_path, official_ea, ea_io):
+    """validate.py --checkpoint and train.py --initial-checkpoint / --teacher-checkpoint take it as is."""
+    model = load_model(NAME, checkpoint=_official_pth(tmp_path, official_ea)).eval()
+    assert model.routing == "router"
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(ea_io["input"]), ea_io["routed_output_eval_fp32"], atol=1e-4, rtol=1e-5
+        )
 
 
 def test_convert_writes_a_timm_folder_with_identical_outputs(converted, official_ea, ea_io):
