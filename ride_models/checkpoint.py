@@ -252,7 +252,7 @@ def load_model(
     import timm
 
     from ride_models.convert import is_official_state_dict, rename_official_keys
-    from ride_models.models.ride_resnet import summarize_state_dict
+    from ride_models.models.ride_resnet import require_ride_model, summarize_state_dict
 
     state_dict, kwargs = None, {}
     if isinstance(checkpoint, dict):
@@ -276,8 +276,7 @@ def load_model(
         model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
     except RuntimeError as error:  # timm: unknown model, no pretrained weights for it
         raise ValueError(f"model {name}: {error}") from error
-    if not hasattr(model, "num_experts"):
-        raise ValueError(f"{name} is not a RIDE model; choose one of timm.list_models('ride_*')")
+    require_ride_model(model, name)
     if state_dict is not None:
         try:
             _load_state_dict(model, state_dict)

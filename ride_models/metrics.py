@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from ride_models.data.sampling import shot_splits
 from ride_models.flops import MacsBreakdown
+from ride_models.models.ride_resnet import require_ride_model
 
 __all__ = [
     "ECE_BINS",
@@ -43,7 +44,6 @@ __all__ = [
     "format_table",
     "parse_routing",
     "per_class_accuracy",
-    "require_ride_model",
     "shot_accuracy",
     "topk_predictions",
 ]
@@ -327,16 +327,6 @@ def _json_float(value: Optional[float], digits: int = 4) -> Optional[float]:
 
 
 # -------------------------------------------------------------------------------------------- evaluation
-
-
-def require_ride_model(model: nn.Module) -> None:
-    """Raise a ValueError that says what to use instead if ``model`` is not a RIDE model."""
-    missing = [a for a in ("num_experts", "route", "set_routing") if not hasattr(model, a)]
-    if missing:
-        raise ValueError(
-            f"{type(model).__name__} is not a RIDE model (it has no {', '.join(missing)}); evaluate() and "
-            "validate.py measure experts and routing, so they take ride_* models (timm.list_models('ride_*'))"
-        )
 
 
 @torch.no_grad()

@@ -60,6 +60,7 @@ from ride_models.engine import RouterTrainStep, make_step, train_one_epoch
 from ride_models.flops import count_macs
 from ride_models.losses import create_loss, loss_arguments
 from ride_models.metrics import EvalResult, evaluate
+from ride_models.models.ride_resnet import require_ride_model
 from ride_models.scheduler import lr_at_epoch
 
 __all__ = ["PRESETS", "build_parser", "main", "parse_args"]
@@ -388,8 +389,7 @@ def build_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
         drop_rate=args.drop_rate,
         drop_path_rate=args.drop_path,
     )
-    if not hasattr(model, "num_experts"):
-        raise ValueError(f"{args.model} is not a RIDE model; choose one of timm.list_models('ride_*')")
+    require_ride_model(model, args.model)
     if args.initial_checkpoint:
         load_weights(model, args.initial_checkpoint)
     elif args.stage == "router" and not args.pretrained and not args.resume:

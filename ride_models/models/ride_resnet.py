@@ -59,6 +59,7 @@ __all__ = [
     "RIDEResNet",
     "RoutedOutput",
     "RouterTrainOutput",
+    "require_ride_model",
     "summarize_state_dict",
 ]
 
@@ -795,6 +796,16 @@ class RIDEResNet(nn.Module):
             if problem:
                 raise RuntimeError(problem)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+def require_ride_model(model: nn.Module, name: Optional[str] = None) -> None:
+    """Raise a ValueError naming what to use instead if ``model`` (called ``name``) is not a RIDE model."""
+    missing = [a for a in ("num_experts", "route", "set_routing") if not hasattr(model, a)]
+    if missing:
+        raise ValueError(
+            f"{name or type(model).__name__} is not a RIDE model (it has no {', '.join(missing)}); "
+            "experts, routing and their metrics need a ride_* model: one of timm.list_models('ride_*')"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------
