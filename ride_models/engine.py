@@ -166,21 +166,21 @@ def train_one_epoch(
         steps += 1
         images += x.shape[0]
         if steps % log_interval == 0 or steps == total:
-            mean = _checked_mean(loss_sum, steps, epoch, steps)
+            mean = _checked_mean(loss_sum, steps, epoch)
             progress.update(
                 steps, mean, optimizer.param_groups[0]["lr"], images / (time.perf_counter() - start)
             )
     progress.close()
     if steps == 0:
         raise RuntimeError(f"epoch {epoch}: the training loader gave no batch (is the dataset empty?)")
-    return _checked_mean(loss_sum, steps, epoch, steps)
+    return _checked_mean(loss_sum, steps, epoch)
 
 
-def _checked_mean(loss_sum: torch.Tensor, steps: int, epoch: int, at_step: int) -> float:
+def _checked_mean(loss_sum: torch.Tensor, steps: int, epoch: int) -> float:
     mean = loss_sum.item() / steps
     if not torch.isfinite(torch.tensor(mean)):
         raise NonFiniteLossError(
-            f"the training loss became {mean} in epoch {epoch} (by step {at_step}); stopping. The last "
+            f"the training loss became {mean} in epoch {epoch} (by step {steps}); stopping. The last "
             "checkpoint is from before this epoch and is kept; lower --lr, or try without --amp float16"
         )
     return mean

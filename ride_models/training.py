@@ -294,9 +294,10 @@ class Data:
     def set_epoch(self, seed: int, epoch: int) -> None:
         if self.generator is not None:
             self.generator.manual_seed(seed * 1_000_003 + epoch)
-        for obj in (self.sampler, self.train_loader):
-            if hasattr(obj, "set_epoch"):
-                obj.set_epoch(epoch)
+        # DeviceDataLoader passes the epoch on to its sampler; a DataLoader's sampler gets it here.
+        target = self.train_loader if hasattr(self.train_loader, "set_epoch") else self.sampler
+        if hasattr(target, "set_epoch"):
+            target.set_epoch(epoch)
 
 
 def _has_validation(args: argparse.Namespace) -> bool:
