@@ -168,7 +168,8 @@ def test_fx(name):
 
 def test_grad_checkpointing_gives_the_same_gradients():
     torch.manual_seed(1)
-    model = timm.create_model("ride_resnet32_2e").train()
+    # Checkpointing runs the experts one by one; compare it with the same loop without checkpointing.
+    model = timm.create_model("ride_resnet32_2e", fused_experts=False).train()
     x = torch.randn(4, 3, 32, 32)
     model(x).sum().backward()
     grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}

@@ -49,6 +49,7 @@ from timm.models import (
 from torch import nn
 
 from ride_models.data.transforms import CIFAR_MEAN, CIFAR_STD
+from ride_models.models.fused_experts import can_fuse, fused_expert_stages, fusing_pays
 from ride_models.router import ExpertRouter
 
 __all__ = [
@@ -100,6 +101,19 @@ def _check_input(x: torch.Tensor, in_chans: int) -> None:
 torch.fx.wrap("_check_input")  # a leaf for FX: its data-dependent branch is not traced
 
 
+@torch.jit.unused  # only called outside TorchScript (is_scripting() guards the call)
+def _autocast_enabled(x: torch.Tensor) -> bool:
+    if isinstance(x, torch.fx.Proxy):  # FX traces the plain computation
+        return False
+    available = getattr(torch.amp, "is_autocast_available", None)  # torch >= 2.3; False for "meta"
+    if available is not None and not available(x.device.type):
+        return False
+    try:
+        return torch.is_autocast_enabled(x.device.type)
+    except TypeError:  # torch < 2.4: no device argument
+        return torch.is_autocast_enabled() if x.is_cuda else torch.is_autocast_cpu_enabled()
+
+
 class NormedLinear(nn.Module):
     """Cosine classifier: ``scale * cos(x, w_c)`` for every class c (the official ``NormedLinear``).
 
@@ -123,6 +137,14 @@ class NormedLinear(nn.Module):
             self.weight.div_(self.weight.norm(dim=1, keepdim=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting() and _autocast_enabled(x):
+            # In float32 under autocast: in bfloat16, s * cos would carry errors of about s * 2^-9 = 0.06,
+            # the size of the LDAM margins of the head classes. The layer is [B, D] x [D, C]: cheap.
+            with torch.autocast(x.device.type, enabled=False):
+                return self._cosine(x.float())
+        return self._cosine(x)
+
+    def _cosine(self, x: torch.Tensor) -> torch.Tensor:
         return self.scale * F.linear(F.normalize(x, dim=1), F.normalize(self.weight, dim=1))
 
     def extra_repr(self) -> str:
@@ -301,6 +323,10 @@ class RIDEResNet(nn.Module):
         drop_rate: Dropout before each classifier.
         drop_path_rate: Stochastic depth rate, growing linearly over the blocks of a path.
         global_pool: ``"avg"`` or ``""`` (no pooling, only with ``num_classes=0``).
+        fused_experts: True runs every expert's stages in one pass, as grouped convolutions over
+            concatenated channels (``ride_models.models.fused_experts``); False runs the experts one by one;
+            None (the default) picks per call where measurements showed the fused pass faster. The same
+            outputs and the same state dict either way; see :meth:`set_fused_experts`.
     """
 
     __jit_unused_properties__ = ["routing"]
@@ -324,6 +350,7 @@ class RIDEResNet(nn.Module):
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         global_pool: str = "avg",
+        fused_experts: Optional[bool] = None,
     ) -> None:
         super().__init__()
         if len(layers) not in (3, 4) or len(planes) != len(layers):
@@ -343,6 +370,7 @@ class RIDEResNet(nn.Module):
         self.scale = scale if use_norm else 1.0
         self.router_top_k = router_top_k
         self.grad_checkpointing = False
+        self.fused_experts = fused_experts
         self.expert_training = False
         self.router_training = False
         # Routing mode: "auto" follows the router's trained flag; "k" runs the first `_routing_k` experts.
@@ -468,6 +496,16 @@ class RIDEResNet(nn.Module):
         self.grad_checkpointing = enable
 
     @torch.jit.ignore
+    def set_fused_experts(self, enable: Optional[bool] = True) -> None:
+        """Run the experts in one pass (grouped convolutions, True), one by one (False), or pick per call
+        (None, the default: :func:`~ride_models.models.fused_experts.fusing_pays`).
+
+        Outputs, gradients and state dicts are the same (up to float summation order). Gradient
+        checkpointing, TorchScript and stochastic depth in training always use the per-expert loop.
+        """
+        self.fused_experts = None if enable is None else bool(enable)
+
+    @torch.jit.ignore
     def get_classifier(self) -> nn.ModuleList:
         """The experts' classifiers (one per expert)."""
         return self.heads
@@ -590,9 +628,12 @@ class RIDEResNet(nn.Module):
                 x = self.layer2(x)
         return x
 
-    def _expert_maps(self, x: torch.Tensor, num_experts: int) -> List[torch.Tensor]:
-        """Feature maps ``[B, D, h, w]`` of the first ``num_experts`` experts."""
+    def _expert_maps(self, x: torch.Tensor, num_experts: int) -> torch.Tensor:
+        """The final maps of the first ``num_experts`` experts, concatenated: ``[B, k * D, h, w]``."""
         shared = self.forward_shared(x)
+        if not torch.jit.is_scripting() and not self.grad_checkpointing:
+            if self._use_fused(shared):
+                return self._fused_maps(shared, num_experts)
         maps: List[torch.Tensor] = []
         for i, expert in enumerate(self.experts):
             if i < num_experts:
@@ -600,7 +641,24 @@ class RIDEResNet(nn.Module):
                     maps.append(checkpoint_seq(expert, shared, flatten=True))
                 else:
                     maps.append(expert(shared))
-        return maps
+        return torch.cat(maps, dim=1)
+
+    @torch.jit.unused
+    def _use_fused(self, x: torch.Tensor) -> bool:
+        if isinstance(x, torch.fx.Proxy):  # FX traces the per-expert modules (feature extraction names them)
+            return False
+        enabled = self.fused_experts
+        if enabled is None:
+            enabled = fusing_pays(list(self.experts), x.device.type, self.training)
+        return enabled and can_fuse(list(self.experts), self.training)
+
+    @torch.jit.unused
+    def _fused_maps(self, shared: torch.Tensor, num_experts: int) -> torch.Tensor:
+        return fused_expert_stages(shared, list(self.experts)[:num_experts])
+
+    @torch.jit.unused
+    def _fused_stage(self, x: torch.Tensor, name: str, shared_input: bool) -> torch.Tensor:
+        return fused_expert_stages(x, list(self.experts), [name], shared_input)
 
     def _classify(self, pooled: List[torch.Tensor]) -> torch.Tensor:
         """Expert logits ``[B, k, C]`` from the pooled features ``[B, D]`` of the first k experts."""
@@ -610,14 +668,15 @@ class RIDEResNet(nn.Module):
                 logits.append(head(self.head_drop(pooled[i])))
         return torch.stack(logits, dim=1)
 
-    def _split_experts(self, pooled: torch.Tensor) -> List[torch.Tensor]:
-        """``[B, E * D]`` -> E tensors ``[B, D]`` (slices rather than torch.split, which FX cannot unpack)."""
+    def _split_experts(self, pooled: torch.Tensor, num_experts: Optional[int] = None) -> List[torch.Tensor]:
+        """``[B, k * D]`` -> k tensors ``[B, D]`` (slices rather than torch.split, which FX cannot unpack)."""
         d = self.expert_dim
-        return [pooled[:, i * d : (i + 1) * d] for i in range(self.num_experts)]
+        k = self.num_experts if num_experts is None else num_experts
+        return [pooled[:, i * d : (i + 1) * d] for i in range(k)]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Every expert's final feature map, concatenated along channels: ``[B, E * D, h, w]``."""
-        return torch.cat(self._expert_maps(x, self.num_experts), dim=1)
+        return self._expert_maps(x, self.num_experts)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Pool, classify with each expert's head and average: ``[B, E * D, h, w]`` -> ``[B, C]``.
@@ -634,7 +693,7 @@ class RIDEResNet(nn.Module):
         if self.num_classes <= 0:
             raise RuntimeError("forward_experts needs classifiers; this model has num_classes=0")
         k = self.num_experts if num_experts is None else num_experts
-        return self._classify([self.global_pool(m) for m in self._expert_maps(x, k)])
+        return self._classify(self._split_experts(self.global_pool(self._expert_maps(x, k)), k))
 
     def forward(self, x: torch.Tensor) -> Union[torch.Tensor, RIDEOutput]:
         """``[B, C]`` logits; in train mode with ``set_expert_training(True)``, a :class:`RIDEOutput`.
@@ -675,7 +734,7 @@ class RIDEResNet(nn.Module):
         router_logits = running_sum.new_full((batch, self.num_experts - 1), float("nan"))
         for i in range(1, self.num_experts):
             z = self.router.decision(i - 1, features, running_sum / i)  # [n_active]
-            router_logits[active, i - 1] = z
+            router_logits[active, i - 1] = z.to(router_logits.dtype)  # bf16 under autocast, like the heads
             keep = torch.sigmoid(z) > threshold
             if not bool(keep.any()):
                 break
@@ -709,7 +768,7 @@ class RIDEResNet(nn.Module):
             raise RuntimeError("the router's training path needs classifiers; this model has num_classes=0")
         if self.num_experts < 2:
             raise RuntimeError("a single-expert model has no routing decisions to train")
-        pooled = [self.global_pool(m) for m in self._expert_maps(x, self.num_experts)]
+        pooled = self._split_experts(self.global_pool(self._expert_maps(x, self.num_experts)))
         expert_logits = self._classify(pooled)  # [B, E, C]
         running_sum = expert_logits[:, 0]
         sums = [running_sum]
@@ -757,17 +816,23 @@ class RIDEResNet(nn.Module):
             x = stage(x)
             if level in take:
                 intermediates.append(x)
+        fused = not torch.jit.is_scripting() and self._use_fused(x)
+        stage_names = [name for name, _ in self.experts[0].named_children()]
         maps = [x] * self.num_experts
-        for j in range(len(self.experts[0])):
+        for j, name in enumerate(stage_names):
             level += 1
             if stop_early and level > max_index:
                 break
-            maps = [expert[j](m) for expert, m in zip(self.experts, maps)]
+            if fused:
+                x = self._fused_stage(x, name, shared_input=j == 0)
+            else:
+                maps = [expert[j](m) for expert, m in zip(self.experts, maps)]
+                x = torch.cat(maps, dim=1)
             if level in take:
-                intermediates.append(torch.cat(maps, dim=1))
+                intermediates.append(x)
         if intermediates_only:
             return intermediates
-        return torch.cat(maps, dim=1), intermediates
+        return x, intermediates
 
     def prune_intermediate_layers(
         self, indices: Union[int, List[int]] = 1, prune_norm: bool = False, prune_head: bool = True

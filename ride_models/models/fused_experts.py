@@ -1,0 +1,170 @@
+"""All experts in one pass: the experts' convolutions as grouped convolutions over concatenated channels.
+
+E experts of the same shape apply E small convolutions to the same input, then E small convolutions to E
+different inputs. Run one by one, that is E kernel launches per layer, each too small to fill a GPU (and
+E Python-level module calls). Stacked along the output channels, the first convolution of each expert
+stage is one convolution of the shared input; every later one is one grouped convolution with
+``groups = E`` (``E * g`` for ResNeXt's grouped 3x3), whose group e is expert e. Batch norm and ReLU act
+per channel, so they run once on the concatenated maps, and the option-A shortcut pads each expert's
+channel block. The result is expert e's map in channels ``[e * D, (e + 1) * D)``: the same numbers as
+the loop, up to the summation order inside the convolution kernels.
+
+The parameters stay in the per-expert modules (``experts.{e}...``), so state dicts, conversion, the
+router's per-expert cascade and the optimizer see the usual layout: the stacked weights are built by
+``torch.cat`` in each forward (cheap next to the convolutions, and differentiable, so each expert's
+gradient lands in its own parameters). Batch norm's running statistics are updated in the concatenated
+copies and written back to each expert's buffers in the same step.
+"""
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath
+from torch import nn
+
+__all__ = ["can_fuse", "fused_expert_stages", "fusing_pays"]
+
+
+def fusing_pays(experts: Sequence[nn.Module], device_type: str, training: bool) -> bool:
+    """Whether the fused pass is the faster one, by what was measured (benchmarks/throughput.py):
+
+    * CUDA, basic-block experts (the CIFAR ResNet-32): fused. One NVIDIA H200, ``ride_resnet32_4e``, batch
+      128, bf16, CUDA-graph training step: 7.18 ms fused, 8.15 ms one by one.
+    * CUDA, bottleneck experts (ResNet-50, ResNeXt-50): one by one. cuDNN's grouped convolutions are
+      slower than E dense ones there: ``ride_resnet50_3e`` bf16 channels-last training ran at 0.82x the
+      official per-expert loop when fused.
+    * CPU (oneDNN, 2 cores, ``ride_resnet32_4e`` fp32): fused. Against the official code in the same
+      process, fused 1.12x (training, batch 128) and 1.15x (inference, batch 256), one by one 1.01x and
+      1.01x; these figures move by about 0.1 from run to run on the shared machines.
+
+    ``training`` is part of the signature because the answer could differ between the two; no measurement
+    so far has made it differ.
+    """
+    basic_blocks = not any(hasattr(m, "conv3") for m in experts[0].modules())
+    return basic_blocks or device_type != "cuda"
+
+
+def can_fuse(experts: Sequence[nn.Module], training: bool) -> bool:
+    """Whether ``fused_expert_stages`` computes what running ``experts`` one by one computes.
+
+    It needs batch norms with a fixed momentum and tracked statistics (the only kind these models build),
+    no forward hooks inside the experts (the fused pass calls no submodule, so hooks would not fire:
+    ``ride_models.flops`` counts MACs with hooks, for example) and, in training, no stochastic depth (its
+    per-expert random draws are not reproduced).
+    """
+    for expert in experts:
+        for m in expert.modules():
+            if m._forward_hooks or m._forward_pre_hooks:
+                return False
+            if isinstance(m, nn.BatchNorm2d) and (m.momentum is None or not m.track_running_stats):
+                return False
+            if training and isinstance(m, DropPath) and m.drop_prob > 0:
+                return False
+    return True
+
+
+def _conv(x: torch.Tensor, convs: Sequence[nn.Conv2d], shared_input: bool) -> torch.Tensor:
+    """Expert e's ``convs[e]`` on its channel block of ``x`` (or all on ``x`` when it is shared)."""
+    first = convs[0]
+    weight = torch.cat([c.weight for c in convs], dim=0)  # [E * out, in / groups, k, k]
+    groups = first.groups if shared_input else first.groups * len(convs)
+    bias = None if first.bias is None else torch.cat([c.bias for c in convs])
+    return F.conv2d(x, weight, bias, first.stride, first.padding, first.dilation, groups)
+
+
+def _batch_norm(x: torch.Tensor, bns: Sequence[nn.BatchNorm2d]) -> torch.Tensor:
+    """Each expert's batch norm on its channel block; in training, its running statistics updated too."""
+    first = bns[0]
+    weight = torch.cat([bn.weight for bn in bns])
+    bias = torch.cat([bn.bias for bn in bns])
+    running_mean = torch.cat([bn.running_mean for bn in bns])
+    running_var = torch.cat([bn.running_var for bn in bns])
+    out = F.batch_norm(x, running_mean, running_var, weight, bias, first.training, first.momentum, first.eps)
+    if first.training:
+        with torch.no_grad():
+            sizes = [bn.num_features for bn in bns]
+            torch._foreach_copy_([bn.running_mean for bn in bns], list(running_mean.split(sizes)))
+            torch._foreach_copy_([bn.running_var for bn in bns], list(running_var.split(sizes)))
+            torch._foreach_add_([bn.num_batches_tracked for bn in bns], 1)
+    return out
+
+
+def _conv_bn(
+    x: torch.Tensor, convs: Sequence[nn.Conv2d], bns: Sequence[nn.BatchNorm2d], shared_input: bool
+) -> torch.Tensor:
+    """Convolution then batch norm, per expert. In eval mode the batch norm is folded into the stacked
+    weights (w * gamma / sqrt(var + eps), bias beta - mean * gamma / sqrt(var + eps)): one pass over the
+    maps instead of two, equal to the two-step computation up to float rounding."""
+    if bns[0].training:
+        return _batch_norm(_conv(x, convs, shared_input), bns)
+    first, bn = convs[0], bns[0]
+    weight = torch.cat([c.weight for c in convs], dim=0)
+    scale = torch.cat([b.weight for b in bns]) * torch.rsqrt(torch.cat([b.running_var for b in bns]) + bn.eps)
+    bias = torch.cat([b.bias for b in bns]) - torch.cat([b.running_mean for b in bns]) * scale
+    if first.bias is not None:
+        bias = bias + torch.cat([c.bias for c in convs]) * scale
+    groups = first.groups if shared_input else first.groups * len(convs)
+    weight = weight * scale.to(weight.dtype).view(-1, 1, 1, 1)
+    return F.conv2d(x, weight, bias.to(weight.dtype), first.stride, first.padding, first.dilation, groups)
+
+
+def _shortcut(x: torch.Tensor, blocks: Sequence[nn.Module], shared_input: bool) -> torch.Tensor:
+    downsample = blocks[0].downsample
+    num_experts = len(blocks)
+    if downsample is None:
+        return x.repeat(1, num_experts, 1, 1) if shared_input else x
+    if isinstance(downsample, nn.Sequential):  # 1x1 convolution and batch norm (option B)
+        return _conv_bn(x, [b.downsample[0] for b in blocks], [b.downsample[1] for b in blocks], shared_input)
+    # Option A: subsample, then zero-pad each expert's channel block on both sides.
+    stride, pad = downsample.stride, downsample.pad
+    if stride != 1:
+        x = x[:, :, ::stride, ::stride]
+    # (No shape unpacking: FX traces this function.)
+    x = x.unsqueeze(1) if shared_input else x.unflatten(1, (num_experts, -1))  # [B, E or 1, c, h, w]
+    x = F.pad(x, (0, 0, 0, 0, pad, pad))
+    if shared_input:
+        x = x.expand(-1, num_experts, -1, -1, -1)
+    return x.flatten(1, 2)
+
+
+def _block(x: torch.Tensor, blocks: Sequence[nn.Module], shared_input: bool) -> torch.Tensor:
+    """One block of every expert: ``BasicBlock`` (conv1, conv2) or ``Bottleneck`` (conv1, conv2, conv3)."""
+    first = blocks[0]
+    names = ["conv1", "conv2", "conv3"] if hasattr(first, "conv3") else ["conv1", "conv2"]
+    out = x
+    for i, name in enumerate(names):
+        convs, bns = [getattr(b, name) for b in blocks], [getattr(b, f"bn{i + 1}") for b in blocks]
+        out = _conv_bn(out, convs, bns, shared_input and i == 0)
+        if i < len(names) - 1:
+            out = F.relu(out)
+    return F.relu(out + _shortcut(x, blocks, shared_input))
+
+
+def fused_expert_stages(
+    x: torch.Tensor,
+    experts: Sequence[nn.Module],
+    stage_names: Optional[Sequence[str]] = None,
+    shared_input: bool = True,
+) -> torch.Tensor:
+    """Every expert's stages in one pass.
+
+    Args:
+        x: ``[B, C_s, H, W]``, the shared trunk's output (the input of every expert), or with
+            ``shared_input=False`` the experts' maps concatenated along channels ``[B, E * C, H, W]``.
+        experts: E modules of identical structure, each an ``nn.Sequential`` of stages of blocks.
+        stage_names: the stages to run, in order (default: all of them).
+        shared_input: whether ``x`` is the one input of every expert.
+
+    Returns:
+        ``[B, E * D, h, w]``: expert e's map in channels ``[e * D, (e + 1) * D)``.
+    """
+    names = list(stage_names) if stage_names is not None else [n for n, _ in experts[0].named_children()]
+    for name in names:
+        stages = [getattr(expert, name) for expert in experts]
+        for j in range(len(stages[0])):
+            x = _block(x, [stage[j] for stage in stages], shared_input)
+            shared_input = False
+    if shared_input:  # no block ran (pruned stages): every expert passes the shared map on unchanged
+        x = x.repeat(1, len(experts), 1, 1)
+    return x

@@ -1,0 +1,115 @@
+"""The fused expert pass (grouped convolutions) against the per-expert loop it replaces."""
+
+import copy
+
+import pytest
+import timm
+import torch
+
+import ride_models  # noqa: F401
+
+FAMILIES = {
+    "ride_resnet32_4e": (3, 32, 32),
+    "ride_resnet10_3e": (3, 64, 64),
+    "ride_resnet50_2e": (3, 64, 64),
+    "ride_resnext50_2e": (3, 64, 64),
+}
+
+
+def _pair(name: str, dtype=torch.float64):
+    torch.manual_seed(0)
+    fused = timm.create_model(name, num_classes=7, fused_experts=True).to(dtype)
+    loop = copy.deepcopy(fused)
+    loop.set_fused_experts(False)
+    assert fused.fused_experts and not loop.fused_experts
+    return fused, loop
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_fused_training_step_equals_the_loop(name):
+    # float64: the two passes differ only by summation order, far below 1e-10.
+    fused, loop = _pair(name)
+    x = torch.randn(3, *FAMILIES[name], dtype=torch.float64)
+    for model in (fused, loop):
+        model.train().set_expert_training(True)
+        out = model(x)
+        (out.expert_logits * torch.linspace(-1, 1, 7, dtype=torch.float64)).sum().backward()
+    torch.testing.assert_close(fused(x).expert_logits, loop(x).expert_logits, rtol=1e-10, atol=1e-10)
+    loop_params = dict(loop.named_parameters())
+    for key, p in fused.named_parameters():
+        if p.grad is not None or loop_params[key].grad is not None:
+            torch.testing.assert_close(p.grad, loop_params[key].grad, rtol=1e-9, atol=1e-10, msg=key)
+    # Batch norm's running statistics (and its step counter) were updated in every expert's own buffers.
+    loop_state = loop.state_dict()
+    for key, value in fused.state_dict().items():
+        torch.testing.assert_close(value, loop_state[key], rtol=1e-10, atol=1e-12, msg=key)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_fused_inference_equals_the_loop(name):
+    fused, loop = _pair(name)
+    x = torch.randn(2, *FAMILIES[name], dtype=torch.float64)
+    with torch.no_grad():
+        fused.train()(x)  # non-trivial running statistics
+        loop.load_state_dict(fused.state_dict())
+        fused.eval(), loop.eval()
+        torch.testing.assert_close(fused(x), loop(x), rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(
+            fused.forward_features(x), loop.forward_features(x), rtol=1e-10, atol=1e-10
+        )
+        torch.testing.assert_close(
+            fused.forward_experts(x, 1), loop.forward_experts(x, 1), rtol=1e-10, atol=1e-10
+        )
+        final, levels = fused.forward_intermediates(x)
+        final_loop, levels_loop = loop.forward_intermediates(x)
+        torch.testing.assert_close(final, final_loop, rtol=1e-10, atol=1e-10)
+        for a, b in zip(levels, levels_loop):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_fused_float32_is_within_rounding_of_the_loop():
+    fused, loop = _pair("ride_resnet32_4e", torch.float32)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        a, b = fused.eval()(x), loop.eval()(x)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_hooks_inside_the_experts_fall_back_to_the_loop():
+    # A hook on an expert's module must fire: the fused pass calls no submodule, so it steps aside.
+    model = timm.create_model("ride_resnet32_2e", fused_experts=True).eval()
+    calls = []
+    model.experts[1].layer3[4].conv2.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        model(torch.randn(1, 3, 32, 32))
+    assert calls == [1]
+
+
+def test_stochastic_depth_in_training_uses_the_loop():
+    from ride_models.models.fused_experts import can_fuse
+
+    model = timm.create_model("ride_resnet32_2e", drop_path_rate=0.1)
+    assert not can_fuse(list(model.experts), training=True)
+    assert can_fuse(list(model.experts), training=False)  # DropPath is the identity in eval mode
+
+
+def test_state_dict_layout_does_not_depend_on_fusing():
+    fused = timm.create_model("ride_resnet32_3e", fused_experts=True)
+    loop = timm.create_model("ride_resnet32_3e", fused_experts=False)
+    assert list(fused.state_dict()) == list(loop.state_dict())
+    assert any(k.startswith("experts.2.layer3.4.conv2") for k in fused.state_dict())
+
+
+def test_the_default_fuses_where_it_was_measured_faster():
+    from ride_models.models.fused_experts import fusing_pays
+
+    cifar = list(timm.create_model("ride_resnet32_2e").experts)
+    imagenet = list(timm.create_model("ride_resnet50_2e").experts)
+    assert fusing_pays(cifar, "cuda", training=True) and fusing_pays(cifar, "cuda", training=False)
+    assert not fusing_pays(imagenet, "cuda", training=True)
+    assert fusing_pays(cifar, "cpu", training=True) and fusing_pays(cifar, "cpu", training=False)
+    assert fusing_pays(imagenet, "cpu", training=True)
+    model = timm.create_model("ride_resnet32_2e")
+    assert model.fused_experts is None  # the default: decided per call
+    model.set_fused_experts(False)
+    assert model.fused_experts is False
