@@ -23,6 +23,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ride_models.cuda_graph import GraphedTrainStep
+
 __all__ = ["NonFiniteLossError", "RouterTrainStep", "make_step", "train_one_epoch"]
 
 _logger = logging.getLogger("train")
@@ -122,7 +124,9 @@ def train_one_epoch(
     """Run one epoch of optimisation steps; return the mean training loss.
 
     Args:
-        step: ``step(x, y) -> loss`` (:func:`make_step`); the model must already be in train mode.
+        step: ``step(x, y) -> loss`` (:func:`make_step`); the model must already be in train mode. A
+            :class:`~ride_models.cuda_graph.GraphedTrainStep` also does the backward pass and the
+            optimizer step (``amp_dtype`` and ``scaler`` are then its own).
         loader: batches ``(x [B, 3, H, W], y [B])``.
         optimizer: updates the parameters; its learning rate is set by the caller for the epoch.
         epoch: the 1-based epoch, for the progress display and the error messages.
@@ -150,16 +154,19 @@ def train_one_epoch(
         y = y.to(device, non_blocking=True)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with autocast:
+        if isinstance(step, GraphedTrainStep):  # forward, backward and optimizer step in one replay
             loss = step(x, y)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None and scaler.is_enabled():
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
         else:
-            loss.backward()
-            optimizer.step()
+            with autocast:
+                loss = step(x, y)
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None and scaler.is_enabled():
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
         if ema is not None:
             ema.update(model)
         loss_sum += loss.detach()

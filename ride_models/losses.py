@@ -16,7 +16,7 @@ Losses are computed in float32 (float64 when the logits are float64), with autoc
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from contextlib import nullcontext
 from typing import Any, Optional, Union
 
@@ -117,7 +117,9 @@ def _check_target(target: Tensor, batch: int, num_classes: int) -> None:
         )
     if target.shape[0] != batch:
         raise ValueError(f"target has {target.shape[0]} entries but the logits have batch size {batch}")
-    if _is_compiling() or target.numel() == 0:  # a range check would break a compiled graph
+    # The range check reads the targets on the host: skipped where that would stall the device (CUDA's own
+    # kernels assert on an out-of-range class index) or break a compiled graph.
+    if _is_compiling() or target.numel() == 0 or target.device.type != "cpu":
         return
     low, high = int(target.min()), int(target.max())
     if low < 0 or high >= num_classes:
@@ -226,6 +228,10 @@ class _SingleOutputLoss(_ClassCountLoss):
     def set_epoch(self, epoch: int) -> None:
         """Set the official 1-based epoch; re-weighting is on when ``epoch > drw_epoch``."""
         self.epoch = int(epoch)
+
+    def schedule_state(self) -> Hashable:
+        """What the epoch changes in the loss's Python-level branches (a CUDA graph records one per value)."""
+        return self.reweighting, self.after_drw_epoch
 
     @property
     def after_drw_epoch(self) -> bool:
@@ -402,11 +408,18 @@ class RIDELoss(_ClassCountLoss):
         """Set the official 1-based epoch (DRW and the per-class temperature start when epoch > drw_epoch)."""
         self.base.set_epoch(epoch)
 
-    def temperature(self, target: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """The temperature to divide the logits by (broadcastable to [B, E, C]) and T^2 ([B] or 0-d)."""
+    def schedule_state(self) -> Hashable:
+        """The base loss's (DRW also switches the temperature)."""
+        return self.base.schedule_state()
+
+    def temperature(self, target: Tensor, dtype: torch.dtype) -> tuple[Tensor | float, Tensor | float]:
+        """The temperature to divide the logits by (broadcastable to [B, E, C]) and T^2 ([B], 0-d or float).
+
+        The scalar temperature stays a Python float: a new device tensor from a host value would be a
+        host-to-device copy in every step (and is not allowed inside a CUDA graph recording).
+        """
         if self.class_temperature is None or not self.base.after_drw_epoch:
-            scalar = torch.tensor(self.base_temperature, dtype=dtype, device=target.device)
-            return scalar, scalar**2
+            return self.base_temperature, self.base_temperature**2
         per_class = self.class_temperature.to(dtype)  # [C]
         if self.temperature_mode == "per_sample":
             per_sample = per_class[target]  # [B]
@@ -435,7 +448,9 @@ class RIDELoss(_ClassCountLoss):
             pair_kl = (q * log_q).sum(dim=-1).unsqueeze(2) - cross  # [B, E, E]: KL(Q_i || Q_j)
             off_diagonal = 1.0 - torch.eye(num_experts, dtype=q.dtype, device=q.device)
             kl = (pair_kl * off_diagonal).sum(dim=2) / (num_experts - 1)  # [B, E]
-        if temperature_sq.dim() == 1:
+        if isinstance(temperature_sq, float):
+            kl = kl * temperature_sq
+        elif temperature_sq.dim() == 1:
             kl = kl * temperature_sq[:, None]
         else:
             kl = kl * temperature_sq.detach()
@@ -491,6 +506,10 @@ class RoutingLoss(nn.Module):
     def set_epoch(self, epoch: int) -> None:
         """No schedule; present so every loss has the same interface."""
 
+    def schedule_state(self) -> Hashable:
+        """No schedule."""
+        return None
+
     def forward(self, router_logits: Tensor, help_targets: Tensor) -> Tensor:
         """``router_logits  # [B, E-1]``, ``help_targets  # [B, E-1]`` bool or 0/1 float; returns 0-d."""
         if router_logits.shape != help_targets.shape:
@@ -533,6 +552,10 @@ class DistillLoss(nn.Module):
     def set_epoch(self, epoch: int) -> None:
         """Forwarded to the wrapped loss."""
         self.base.set_epoch(epoch)
+
+    def schedule_state(self) -> Hashable:
+        """The wrapped loss's."""
+        return self.base.schedule_state()
 
     def forward(self, expert_logits: Logits, target: Tensor, teacher_logits: Tensor) -> Tensor:
         """``expert_logits  # [B, E, C]`` (or [B, C]), ``teacher_logits  # [B, C]`` or [B, E_t, C]; 0-d."""

@@ -48,6 +48,7 @@ from ride_models.checkpoint import (
     save_training_state,
     save_weights,
 )
+from ride_models.cuda_graph import GraphedTrainStep
 from ride_models.data import (
     DEFAULT_DATASET,
     ClassBalancedSampler,
@@ -166,6 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--amp-dtype", default="float16", choices=["float16", "bfloat16"])
     g.add_argument("--channels-last", action="store_true")
     g.add_argument("--torchcompile", nargs="?", const="inductor", default=None, help="torch.compile backend")
+    g.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="replay each training step as a CUDA graph (stage experts, one CUDA device; --amp: bfloat16)",
+    )
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument(
@@ -499,6 +505,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     if d.device.type == "cuda":
         torch.backends.cudnn.benchmark = not args.deterministic
     amp_dtype = getattr(torch, args.amp_dtype) if args.amp else None
+    if args.cuda_graph:
+        _check_cuda_graph(args, d, amp_dtype)
 
     # Data and models first: bad input stops here, before a run folder exists.
     seed_epoch(args.seed, 0)  # the same initial weights on every rank
@@ -559,6 +567,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         device_ids = [d.local_rank] if d.device.type == "cuda" else None
         train_module = DistributedDataParallel(train_module, device_ids=device_ids)
     step = make_step(args.stage, train_module, loss_fn, teacher)
+    if args.cuda_graph:
+        step = GraphedTrainStep(
+            step, optimizer, model=model, amp_dtype=amp_dtype, key_fn=loss_fn.schedule_state
+        )
     eval_split = "val" if "val" in data.eval_loaders else "test"
     routing = "router" if args.stage == "router" else "all"
     eval_model = ema.module if ema is not None else model
@@ -639,6 +651,22 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     results = _final_results(args, eval_model, data, run_dir, best_name, evaluator) if d.is_main else {}
     d.barrier()
     return results
+
+
+def _check_cuda_graph(args: argparse.Namespace, d: Dist, amp_dtype: Optional[torch.dtype]) -> None:
+    problems = []
+    if d.device.type != "cuda":
+        problems.append(f"it needs a CUDA device (--device is {d.device})")
+    if args.stage != "experts":
+        problems.append(f"it records stage 1 (--stage experts), not --stage {args.stage}")
+    if d.world_size > 1:
+        problems.append("DistributedDataParallel's gradient hooks are not recorded: run one process")
+    if amp_dtype == torch.float16:
+        problems.append("float16's gradient scaler synchronises every step: use --amp-dtype bfloat16")
+    if args.drop_rate or args.drop_path:
+        problems.append("dropout would replay the same masks: leave --drop-rate and --drop-path at 0")
+    if problems:
+        raise ValueError("--cuda-graph: " + "; ".join(problems))
 
 
 def _summary_row(

@@ -214,3 +214,24 @@ def test_router_stage_refuses_another_loss(tmp_path):
     with pytest.raises(ValueError, match="routing loss"):
         _train(tmp_path, "s2", "--stage", "router", "--loss", "ce", "--initial-checkpoint",
                str(tmp_path / "s1" / "last.safetensors"), "--epochs", "1")  # fmt: skip
+
+
+def test_cuda_graph_names_every_incompatible_option(tmp_path):
+    with pytest.raises(ValueError) as error:
+        _train(
+            tmp_path,
+            "g",
+            "--cuda-graph",
+            "--device",
+            "cpu",
+            "--stage",
+            "router",
+            "--amp",
+            "--drop-path",
+            "0.1",
+        )
+    message = str(error.value)
+    assert message.startswith("--cuda-graph:")
+    for part in ("needs a CUDA device", "--stage experts", "--amp-dtype bfloat16", "--drop-path"):
+        assert part in message
+    assert not (tmp_path / "g").exists()  # stopped before a run folder was made

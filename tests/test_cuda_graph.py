@@ -1,0 +1,91 @@
+"""CUDA-graph training steps: the same training as eager steps (on a GPU), a clear error without one."""
+
+import copy
+
+import pytest
+import timm
+import torch
+
+import ride_models  # noqa: F401
+from ride_models.engine import make_step
+from ride_models.losses import create_loss
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+def test_without_cuda_the_error_says_what_to_do():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    from ride_models.cuda_graph import GraphedTrainStep
+
+    model = timm.create_model("ride_resnet32_2e", num_classes=10)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(RuntimeError, match="CUDA graphs need a CUDA device"):
+        GraphedTrainStep(lambda x, y: model(x).sum(), optimizer)
+
+
+def test_losses_report_their_schedule_state():
+    loss = create_loss("ldam_diversity", [50, 20, 5], drw_epoch=2)
+    loss.set_epoch(1)
+    before = loss.schedule_state()
+    loss.set_epoch(2)
+    assert loss.schedule_state() == before  # DRW starts after epoch drw_epoch
+    loss.set_epoch(3)
+    assert loss.schedule_state() != before
+    assert create_loss("routing").schedule_state() is None
+
+
+@pytest.fixture
+def deterministic_cudnn():
+    # cuDNN's default weight-gradient kernels add in a varying order: two eager runs drift apart by 1e-6
+    # after one step, and training on random labels amplifies that to whole units of loss within ten
+    # steps. With deterministic kernels, graph replays and eager steps agree (on an H200: every loss of
+    # this test equal to 5 decimals).
+    saved = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    yield
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
+
+
+@needs_cuda
+@pytest.mark.parametrize("fused", [True, False])
+def test_graphed_steps_train_as_eager_steps(fused, deterministic_cudnn):
+    from ride_models.cuda_graph import GraphedTrainStep
+
+    torch.manual_seed(0)
+    counts = [100, 40, 20, 10, 5]
+    eager = timm.create_model("ride_resnet32_3e", num_classes=5).cuda().train()
+    eager.set_expert_training(True)
+    eager.set_fused_experts(fused)
+    graphed = copy.deepcopy(eager)
+    runs = []
+    for model, use_graph in ((eager, False), (graphed, True)):
+        loss_fn = create_loss("ldam_diversity", counts, drw_epoch=1).cuda()
+        optimizer = torch.optim.SGD(
+            model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4
+        )
+        step = make_step("experts", model, loss_fn)
+        graph_step = GraphedTrainStep(step, optimizer, model=model, key_fn=loss_fn.schedule_state)
+        gen = torch.Generator(device="cuda").manual_seed(1)
+        losses = []
+        for epoch in (1, 2):  # DRW off, then on: a second recording
+            loss_fn.set_epoch(epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = 0.1 * epoch
+            for batch in (16, 16, 16, 16, 16, 12):  # the last, smaller batch: a shape of its own
+                x = torch.randn(batch, 3, 32, 32, device="cuda", generator=gen)
+                y = torch.randint(0, 5, (batch,), device="cuda", generator=gen)
+                if use_graph:
+                    losses.append(graph_step(x, y).clone())
+                else:
+                    loss = step(x, y)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    losses.append(loss.detach())
+        runs.append(torch.stack(losses))
+        if use_graph:
+            assert graph_step.recordings >= 2
+    torch.testing.assert_close(runs[1], runs[0], rtol=1e-5, atol=1e-5)
+    for (k, a), b in zip(eager.state_dict().items(), graphed.state_dict().values()):
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-5, atol=1e-5, msg=k)
