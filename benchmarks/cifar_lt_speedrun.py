@@ -1,0 +1,294 @@
+"""CIFAR-10-LT speed run: the official RIDE recipe, timed from the JPEG files to the test accuracy.
+
+    python benchmarks/cifar_lt_speedrun.py                            # GPU: the full 200-epoch recipe
+    python benchmarks/cifar_lt_speedrun.py --device cpu --epochs 2    # CPU smoke run (a shortened schedule)
+
+* Data: CIFAR-10-LT at imbalance ratio 100 (12,406 training images, 5,000 ... 50 per class), selected with
+  the official sampling (``ride_models.data.cifar_lt_indices``) from the JPEG archives of
+  ``../shared/data/cifar10/`` (``cifar10_train_jpeg.zip`` holding ``train/<class>/<rank>.jpg``, where rank is
+  the image's position within its class in the official array, and ``cifar10_test_jpeg.zip``). Only the
+  selected training images and the 10,000 test images are decoded, straight from the archives.
+* Model and loss: ``ride_resnet32_4e`` with ``ldam_diversity`` (LDAM with DRW at epoch 160, diversity
+  weight 0.45, temperature re-weighting 0.05), SGD with Nesterov momentum 0.9, weight decay 5e-4, batch
+  128, lr 0.1 with 5 warm-up epochs and x0.01 at epochs 160 and 180: train.py's CIFAR preset, which is the
+  official config's. Stage 1 only (no router): the test accuracy is that of all experts.
+* The fast path: the training set lives on the GPU as uint8 and is augmented there
+  (``DeviceDataLoader``: crop, flip, rotation, as the official loader); the experts run in one pass
+  (grouped convolutions); bf16 autocast and channels-last; the whole step (forward, loss, backward, SGD)
+  replayed as a CUDA graph (``ride_models.cuda_graph``). ``--fused auto`` times both expert passes on a
+  throw-away copy of the model for a few steps and keeps the faster.
+* Reported: top-1 and many/medium/few on the 10,000 CIFAR-10 test images (CIFAR-10-LT at ratio 100 has no
+  few-shot class: 8 many, 2 medium), and the wall-clock seconds from the start of the script, data
+  loading, graph recording and evaluation included.
+
+``--epochs N`` shortens the schedule proportionally (milestones, DRW epoch; warm-up min(5, N // 40)).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import json
+import sys
+import time
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+_ROOT = Path(__file__).resolve().parent.parent
+if str(_ROOT) not in sys.path:  # run from a clone without installing
+    sys.path.insert(0, str(_ROOT))
+
+import timm  # noqa: E402
+
+import ride_models  # noqa: E402, F401  (registers the models)
+from ride_models.data import DeviceDataLoader, cifar_lt_indices  # noqa: E402
+from ride_models.data.datasets import CIFAR10_CLASSES  # noqa: E402
+from ride_models.data.transforms import SMALL_IMAGE_CONFIGS  # noqa: E402
+from ride_models.engine import make_step  # noqa: E402
+from ride_models.losses import create_loss  # noqa: E402
+from ride_models.metrics import evaluate  # noqa: E402
+from ride_models.scheduler import lr_at_epoch  # noqa: E402
+from ride_models.training import PRESETS  # noqa: E402
+
+DEFAULT_DATA_DIR = _ROOT.parent / "shared" / "data" / "cifar10"
+PER_CLASS = 5000  # CIFAR-10 training images per class
+
+
+def _open(data_dir: Path, split: str):
+    """A function reading ``<split>/<class>/<file>`` from ``<split>/`` or ``cifar10_<split>_jpeg.zip``."""
+    folder = data_dir / split
+    if folder.is_dir():
+        return lambda name: (data_dir / name).read_bytes(), None
+    archive = data_dir / f"cifar10_{split}_jpeg.zip"
+    if not archive.is_file():
+        raise FileNotFoundError(
+            f"no CIFAR-10 {split} images in {data_dir}: expected {archive.name} or a folder "
+            f"{split}/<class>/; pass --data-dir (the folder of ../shared/data/cifar10/)"
+        )
+    z = zipfile.ZipFile(archive)
+    return z.read, z
+
+
+def _decode(read, names: list[str]) -> np.ndarray:
+    files = [read(name) for name in names]  # one reader at a time: a ZipFile is not safe across threads
+
+    def one(data: bytes) -> np.ndarray:
+        return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+    with ThreadPoolExecutor(16) as pool:  # PIL decodes without the GIL
+        return np.stack(list(pool.map(one, files)))
+
+
+def load_cifar10_lt(data_dir: Path, ratio: float = 100, seed: int = 0):
+    """The official CIFAR-10-LT training subset and the CIFAR-10 test set, decoded from the JPEG files.
+
+    Returns ``(train_images [N, 32, 32, 3] uint8, train_targets [N], test_images, test_targets)``. The
+    official selection depends only on the class sizes (5,000 each), so it runs on class-sorted,
+    rank-ordered labels: the k-th kept index i is ``train/<class i // 5000>/<i % 5000>.jpg``.
+    """
+    ranked = np.repeat(np.arange(len(CIFAR10_CLASSES)), PER_CLASS)
+    keep = cifar_lt_indices(ranked, ratio, seed)
+    names = [f"train/{CIFAR10_CLASSES[i // PER_CLASS]}/{i % PER_CLASS:04d}.jpg" for i in keep]
+    read, archive = _open(data_dir, "train")
+    train_images = _decode(read, names)
+    train_targets = ranked[keep]
+    read, test_archive = _open(data_dir, "test")
+    if test_archive is not None:
+        test_names = sorted(n for n in test_archive.namelist() if n.endswith(".jpg"))
+    else:
+        test_names = sorted(str(p.relative_to(data_dir)) for p in (data_dir / "test").glob("*/*.jpg"))
+    test_targets = np.array([CIFAR10_CLASSES.index(n.split("/")[1]) for n in test_names])
+    test_images = _decode(read, test_names)
+    return train_images, train_targets, test_images, test_targets
+
+
+def scaled_recipe(epochs: int) -> dict:
+    """train.py's CIFAR preset, its milestones scaled to ``epochs``."""
+    preset = PRESETS["cifar"]
+    full = preset["epochs"]
+
+    def scale(e: int) -> int:
+        return max(1, round(e * epochs / full))
+
+    return dict(
+        lr=preset["lr"],
+        weight_decay=preset["weight_decay"],
+        batch_size=preset["batch_size"],
+        epochs=epochs,
+        milestones=[scale(m) for m in preset["decay_epochs"]],
+        gamma=preset["decay_rate"],
+        warmup_epochs=preset["warmup_epochs"]
+        if epochs == full
+        else min(preset["warmup_epochs"], epochs // 40),
+        drw_epoch=scale(preset["drw_epoch"]),
+        loss_kwargs=preset["loss_kwargs"],
+    )
+
+
+def build_trainer(model, loss_fn, recipe: dict, device: torch.device, amp_dtype, cuda_graph: bool):
+    """The SGD optimizer and ``train_step(x, y) -> loss`` (a CUDA graph replay on CUDA)."""
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=recipe["lr"], momentum=0.9, nesterov=True, weight_decay=recipe["weight_decay"]
+    )
+    step = make_step("experts", model, loss_fn)
+    if cuda_graph:
+        from ride_models.cuda_graph import GraphedTrainStep
+
+        return optimizer, GraphedTrainStep(
+            step, optimizer, model=model, amp_dtype=amp_dtype, key_fn=loss_fn.schedule_state
+        )
+
+    def eager_step(x, y):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss = step(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    return optimizer, eager_step
+
+
+def time_expert_pass(model, loss_fn, recipe, loader, device, amp_dtype, cuda_graph, steps: int = 30) -> dict:
+    """Seconds per step of the fused and the per-expert pass, on throw-away copies of the model."""
+    times = {}
+    batches = [(_memory_format(x, device), y) for _, (x, y) in zip(range(4), loader)]
+    for fused in (True, False):
+        trial = copy.deepcopy(model)
+        trial.set_fused_experts(fused)
+        _, train_step = build_trainer(trial, copy.deepcopy(loss_fn), recipe, device, amp_dtype, cuda_graph)
+        for i in range(6):  # warm-up and recording
+            train_step(*batches[i % len(batches)])
+        _sync(device)
+        start = time.perf_counter()
+        for i in range(steps):
+            train_step(*batches[i % len(batches)])
+        _sync(device)
+        times["fused" if fused else "per_expert"] = (time.perf_counter() - start) / steps
+    return times
+
+
+def _memory_format(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Channels-last on CUDA (where the convolutions are faster with it), as is on the CPU."""
+    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--epochs", type=int, default=200)
+    parser.add_argument("--model", default="ride_resnet32_4e")
+    parser.add_argument("--amp", choices=("bf16", "none"), default=None, help="default: bf16 on CUDA")
+    parser.add_argument("--fused", choices=("auto", "on", "off"), default="auto")
+    parser.add_argument("--no-cuda-graph", action="store_true", help="eager steps on CUDA")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--log-every", type=int, default=10, help="epochs between loss reads")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    args = parser.parse_args(argv)
+
+    start = time.perf_counter()
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    amp_dtype = torch.bfloat16 if (args.amp or ("bf16" if cuda else "none")) == "bf16" else None
+    cuda_graph = cuda and not args.no_cuda_graph
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+    torch.manual_seed(args.seed)
+    recipe = scaled_recipe(args.epochs)
+
+    train_images, train_targets, test_images, test_targets = load_cifar10_lt(args.data_dir, 100, 0)
+    class_counts = np.bincount(train_targets, minlength=10).tolist()
+    config = SMALL_IMAGE_CONFIGS["cifar10_lt"]
+    train_loader = DeviceDataLoader(
+        train_images, train_targets, recipe["batch_size"], config, device=device, seed=args.seed
+    )
+    test_loader = DeviceDataLoader(test_images, test_targets, 1000, config, device=device, train=False)
+    data_seconds = time.perf_counter() - start
+    print(f"data: {len(train_targets)} training images {class_counts}, {len(test_targets)} test images, "
+          f"{data_seconds:.1f} s")  # fmt: skip
+
+    model = timm.create_model(args.model, num_classes=10)
+    model.set_expert_training(True)
+    model.to(device).train()
+    if cuda:
+        model.to(memory_format=torch.channels_last)
+    loss_fn = create_loss(
+        "ldam_diversity", class_counts, drw_epoch=recipe["drw_epoch"], **recipe["loss_kwargs"]
+    ).to(device)
+
+    if args.fused == "auto":
+        train_loader.set_epoch(0)
+        times = time_expert_pass(model, loss_fn, recipe, train_loader, device, amp_dtype, cuda_graph)
+        fused = times["fused"] <= times["per_expert"]
+        print("expert pass, ms per step: " + ", ".join(f"{k} {v * 1e3:.2f}" for k, v in times.items()))
+    else:
+        fused = args.fused == "on"
+    model.set_fused_experts(fused)
+    optimizer, train_step = build_trainer(model, loss_fn, recipe, device, amp_dtype, cuda_graph)
+
+    train_start = time.perf_counter()
+    loss_sum = torch.zeros((), device=device)
+    steps = 0
+    for epoch in range(1, recipe["epochs"] + 1):
+        lr = lr_at_epoch(
+            epoch, schedule="step", base_lr=recipe["lr"], epochs=recipe["epochs"],
+            milestones=recipe["milestones"], gamma=recipe["gamma"], warmup_epochs=recipe["warmup_epochs"],
+        )  # fmt: skip
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_fn.set_epoch(epoch)
+        train_loader.set_epoch(epoch)
+        for x, y in train_loader:
+            loss_sum += train_step(_memory_format(x, device), y)
+            steps += 1
+        if epoch % args.log_every == 0 or epoch == recipe["epochs"]:
+            mean = loss_sum.item() / steps
+            if not np.isfinite(mean):
+                raise SystemExit(f"the training loss became {mean} by epoch {epoch}")
+            print(f"epoch {epoch}: lr {lr:.4g} train loss {mean:.4f} | {time.perf_counter() - start:.1f} s")
+            loss_sum.zero_()
+            steps = 0
+    _sync(device)
+    train_seconds = time.perf_counter() - train_start
+
+    result = evaluate(
+        model, test_loader, class_counts=class_counts, device=device, routing="all",
+        amp_dtype=amp_dtype, channels_last=cuda,
+    )  # fmt: skip
+    total = time.perf_counter() - start
+    device_name = torch.cuda.get_device_name(device) if cuda else f"CPU ({torch.get_num_threads()} threads)"
+    out = dict(
+        model=args.model, loss="ldam_diversity", epochs=recipe["epochs"], device=device_name,
+        torch=torch.__version__, amp=str(amp_dtype), fused_experts=fused, cuda_graph=cuda_graph,
+        graphs_recorded=getattr(train_step, "recordings", None),
+        top1=round(result.top1, 2), many=round(result.many_top1, 2), medium=round(result.medium_top1, 2),
+        few=None if np.isnan(result.few_top1) else round(result.few_top1, 2),
+        data_seconds=round(data_seconds, 1), train_seconds=round(train_seconds, 1),
+        total_seconds=round(total, 1),
+        train_images_per_s=round(len(train_targets) * recipe["epochs"] / train_seconds),
+    )  # fmt: skip
+    print(
+        f"CIFAR-10-LT r100, {args.model}, {recipe['epochs']} epochs on {device_name}: "
+        f"top-1 {out['top1']:.2f} "
+        f"(many {out['many']:.2f} / medium {out['medium']:.2f} / few: no class) in {total:.1f} s end to end "
+        f"(data {data_seconds:.1f} s, training {train_seconds:.1f} s, {out['train_images_per_s']} img/s)"
+    )
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""benchmarks/throughput.py runs end to end on CPU and writes its rows (no timing is asserted)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+
+from ride_models.flops import count_macs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def throughput():
+    spec = importlib.util.spec_from_file_location(
+        "benchmarks_throughput", ROOT / "benchmarks" / "throughput.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+def test_throughput_writes_json_rows(throughput, tmp_path):
+    out = tmp_path / "throughput.json"
+    argv = ["--device", "cpu", "--models", "ride_resnet32_2e", "--batch-size", "4", "--warmup", "1"]
+    argv += ["--iters", "1", "--repeats", "1", "--route-shares", "0.5", "--json", str(out)]
+    result = throughput.main(argv)
+
+    written = json.loads(out.read_text())
+    assert written["rows"] == json.loads(json.dumps(result["rows"]))
+    assert {"device", "torch", "cpu", "torch_threads"} <= set(written["machine"])
+    rows = written["rows"]
+    assert [(r["mode"], r["impl"]) for r in rows] == [
+        ("train", "ours"),
+        ("infer", "ours"),
+        ("routed", "ours"),
+    ]
+    for row in rows:
+        assert set(row) == set(throughput.ROW_KEYS)
+        assert row["model"] == "ride_resnet32_2e" and row["batch"] == 4 and row["precision"] == "fp32"
+        assert row["images_per_s"] > 0 and len(row["images_per_s_rounds"]) == 1
+        assert row["ratio_vs_official"] is None  # no --official-dir
+    routed = rows[2]
+    # 2 of the 4 samples continue after expert 1: 1.5 experts per image, as requested.
+    assert routed["route_shares"] == [0.5] and routed["realized_shares"] == [0.5]
+    assert routed["experts_per_image"] == 1.5
+    assert routed["ratio_vs_all_experts"] is not None
+
+
+def test_paper_shares_reproduce_the_paper_routed_cost(throughput):
+    # ResNet-32 with 4 experts: 91.9 M MACs routed against 126.9 M for all experts (the paper and the
+    # official counter), so the derived shares must give 91.9 / 126.9 of our all-experts count.
+    spec = throughput.model_spec("ride_resnet32_4e")
+    breakdown = count_macs(timm.create_model("ride_resnet32_4e"))
+    shares = throughput.paper_shares(spec, breakdown)
+    q = shares[0]
+    assert shares == pytest.approx([q, q**2, q**3])
+    fractions = [1.0 - shares[0], shares[0] - shares[1], shares[1] - shares[2], shares[2]]
+    routed = sum(p * breakdown.per_image(k + 1) for k, p in enumerate(fractions))
+    assert routed / breakdown.all_experts == pytest.approx(91.9 / 126.9, rel=1e-9)
+
+
+# ------------------------------------------------------------------------------------- the speed run
+@pytest.fixture(scope="module")
+def speedrun():
+    spec = importlib.util.spec_from_file_location(
+        "benchmarks_speedrun", ROOT / "benchmarks" / "cifar_lt_speedrun.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+def test_speedrun_reads_the_official_cifar10_lt(speedrun, shared_data_dir, tmp_path):
+    # Straight from the archives, the speed run must see what create_dataset builds from the extracted
+    # tree: the official CIFAR-10-LT selection (12,406 images, 5,000 ... 50) and the 10,000 test images.
+    import zipfile
+
+    import numpy as np
+
+    from ride_models.data import create_dataset
+    from ride_models.data.device_loader import dataset_images
+
+    archives = shared_data_dir / "cifar10"
+    train_x, train_y, test_x, test_y = speedrun.load_cifar10_lt(archives)
+    assert np.bincount(train_y).tolist() == [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
+    for name in ("cifar10_train_jpeg.zip", "cifar10_test_jpeg.zip"):
+        with zipfile.ZipFile(archives / name) as z:
+            z.extractall(tmp_path)
+    for split, images, targets in (("train", train_x, train_y), ("test", test_x, test_y)):
+        dataset = create_dataset("cifar10_lt", tmp_path, split)
+        assert np.array_equal(np.asarray(dataset.targets), targets)
+        assert np.array_equal(dataset_images(dataset), images)
+
+
+def test_speedrun_schedule_scales_with_the_epochs(speedrun):
+    full = speedrun.scaled_recipe(200)
+    assert (full["milestones"], full["drw_epoch"], full["warmup_epochs"]) == ([160, 180], 160, 5)
+    short = speedrun.scaled_recipe(20)
+    assert (short["milestones"], short["drw_epoch"], short["warmup_epochs"]) == ([16, 18], 16, 0)
+    assert short["lr"] == full["lr"] == 0.1 and short["batch_size"] == 128
