@@ -90,7 +90,7 @@ def test_cifar100_first20_images_end_to_end(cifar20, capsys):
     assert every["num_images"] == routed["num_images"] == 20
     # ratio 100 on CIFAR-100: 35 many / 35 medium / 30 few classes (the shared data README)
     assert every["classes_per_split"] == {"many": 35, "medium": 35, "few": 30}
-    # all experts: 3 per image; 0.100 GMACs per image (docs/models.md, ride_resnet32_3e)
+    # all experts: 3 per image; 0.100 GMACs per image (docs/zoo.md, ride_resnet32_3e)
     assert every["experts_mean"] == 3 and every["experts_counts"]["all"] == [0, 0, 20]
     assert every["gmacs_per_image"] == pytest.approx(0.100, abs=5e-4)
     # the trained (EA) router stops some images early: fewer experts and MACs on average

@@ -5,7 +5,8 @@ both the per-image PIL pipeline here and the device-resident loader
 (:class:`~ride_models.data.device_loader.DeviceDataLoader`) follow, so the two paths augment alike.
 ImageNet-LT, Places-LT, iNaturalist and user folders use ``timm.data.create_transform``: its defaults
 (RandomResizedCrop, flip, colour jitter 0.4; resize to 256 then centre crop 224 for eval) are the official
-RIDE ImageNet-LT recipe, up to the interpolation (timm's bicubic default instead of bilinear).
+RIDE ImageNet-LT recipe. Given the model (as train.py and validate.py give it), the interpolation is its
+pretrained config's, bilinear as in the official code; without one, timm's default, bicubic.
 """
 
 from __future__ import annotations
