@@ -54,7 +54,7 @@ from ride_models.engine import make_step  # noqa: E402
 from ride_models.losses import create_loss  # noqa: E402
 from ride_models.metrics import evaluate  # noqa: E402
 from ride_models.scheduler import lr_at_epoch  # noqa: E402
-from ride_models.training import PRESETS  # noqa: E402
+from ride_models.training import PRESETS, build_optimizer  # noqa: E402
 
 DEFAULT_DATA_DIR = _ROOT.parent / "shared" / "data" / "cifar10"
 PER_CLASS = 5000  # CIFAR-10 training images per class
@@ -133,9 +133,7 @@ def scaled_recipe(epochs: int) -> dict:
 
 def build_trainer(model, loss_fn, recipe: dict, device: torch.device, amp_dtype, cuda_graph: bool):
     """The SGD optimizer and ``train_step(x, y) -> loss`` (a CUDA graph replay on CUDA)."""
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=recipe["lr"], momentum=0.9, nesterov=True, weight_decay=recipe["weight_decay"]
-    )
+    optimizer = build_optimizer(model, recipe["lr"], recipe["weight_decay"])
     step = make_step("experts", model, loss_fn)
     if cuda_graph:
         from ride_models.cuda_graph import GraphedTrainStep

@@ -93,7 +93,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import ride_models
 from ride_models.data.sampling import long_tail_counts
 from ride_models.flops import count_macs
-from ride_models.training import build_loss, parse_args, resolve_defaults
+from ride_models.training import build_loss, build_optimizer, parse_args, resolve_defaults
 
 # The paper's MACs per image with the router and the official counter's all-experts MACs (anchors README).
 PAPER_ROUTED_MACS: Dict[Tuple[str, int], Tuple[float, float]] = {
@@ -529,13 +529,7 @@ class Bench:
         model = self.place(create_ours(spec, fused), channels_last)
         model.train()
         model.set_expert_training(True)
-        optimizer = torch.optim.SGD(
-            [p for p in model.parameters() if p.requires_grad],
-            lr=preset.lr,
-            momentum=preset.momentum,
-            nesterov=True,
-            weight_decay=preset.weight_decay,
-        )
+        optimizer = build_optimizer(model, preset.lr, preset.weight_decay, preset.momentum)
         loss_fn = build_loss(preset, class_counts(spec)).to(self.device)
         loss_fn.set_epoch(self.args.loss_epoch)
         module = torch.compile(model) if self.args.compile else model

@@ -64,7 +64,15 @@ from ride_models.metrics import EvalResult, evaluate
 from ride_models.models.ride_resnet import require_ride_model
 from ride_models.scheduler import lr_at_epoch
 
-__all__ = ["PRESETS", "build_parser", "main", "parse_args"]
+__all__ = [
+    "PRESETS",
+    "build_loss",
+    "build_optimizer",
+    "build_parser",
+    "main",
+    "parse_args",
+    "resolve_defaults",
+]
 
 _logger = logging.getLogger("train")
 
@@ -434,6 +442,15 @@ def build_loss(args: argparse.Namespace, class_counts: Sequence[int]) -> nn.Modu
     return create_loss(args.loss, class_counts, **kwargs)
 
 
+def build_optimizer(
+    model: nn.Module, lr: float, weight_decay: float, momentum: float = 0.9
+) -> torch.optim.SGD:
+    """The official optimizer of every RIDE stage: SGD with Nesterov momentum on the trainable parameters
+    (weight decay on all of them, as the official configs)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=True, weight_decay=weight_decay)
+
+
 # ------------------------------------------------------------------------------------------ run folder
 def _run_dir(args: argparse.Namespace) -> Path:
     name = args.experiment or f"{time.strftime('%Y%m%d-%H%M%S')}-{args.model}-{args.stage}"
@@ -540,13 +557,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     model.to(d.device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(
-        [p for p in model.parameters() if p.requires_grad],
-        lr=args.lr,
-        momentum=args.momentum,
-        nesterov=True,
-        weight_decay=args.weight_decay,
-    )
+    optimizer = build_optimizer(model, args.lr, args.weight_decay, args.momentum)
     loss_fn = build_loss(args, data.class_counts).to(d.device)
     ema = timm.utils.ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
     scaler = torch.amp.GradScaler(d.device.type, enabled=amp_dtype == torch.float16)
