@@ -137,8 +137,8 @@ def _block(x: torch.Tensor, blocks: Sequence[nn.Module], shared_input: bool) -> 
         convs, bns = [getattr(b, name) for b in blocks], [getattr(b, f"bn{i + 1}") for b in blocks]
         out = _conv_bn(out, convs, bns, shared_input and i == 0)
         if i < len(names) - 1:
-            out = F.relu(out)
-    return F.relu(out + _shortcut(x, blocks, shared_input))
+            out = F.relu(out, inplace=True)  # on batch norm's output, which its backward does not need
+    return out.add_(_shortcut(x, blocks, shared_input)).relu_()
 
 
 def fused_expert_stages(
