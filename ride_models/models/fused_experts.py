@@ -35,7 +35,7 @@ def fusing_pays(experts: Sequence[nn.Module], device_type: str, training: bool) 
       slower than E dense ones there: ``ride_resnet50_3e`` bf16 channels-last training ran at 0.82x the
       official per-expert loop when fused.
     * CPU (oneDNN, 2 cores, ``ride_resnet32_4e`` fp32): fused. Against the official code in the same
-      process, fused 1.12x (training, batch 128) and 1.15x (inference, batch 256), one by one 1.01x and
+      process, fused 1.17x (training, batch 128) and 1.20x (inference, batch 256), one by one 1.03x and
       1.01x; these figures move by about 0.1 from run to run on the shared machines.
 
     ``training`` is part of the signature because the answer could differ between the two; no measurement
