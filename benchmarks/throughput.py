@@ -91,7 +91,9 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import ride_models
+from ride_models.cuda_graph import GraphedTrainStep
 from ride_models.data.sampling import long_tail_counts
+from ride_models.engine import make_step
 from ride_models.flops import count_macs
 from ride_models.training import build_loss, build_optimizer, parse_args, resolve_defaults
 
@@ -535,23 +537,24 @@ class Bench:
         module = torch.compile(model) if self.args.compile else model
         x, y = self.inputs(spec, self.batch_size(spec, "train"), channels_last)
 
-        def step() -> None:
-            optimizer.zero_grad(set_to_none=True)
-            with self.autocast(precision):
-                loss = loss_fn(module(x).expert_logits, y)
-            loss.backward()
-            optimizer.step()
-
+        forward_loss = make_step("experts", module, loss_fn)  # train.py's forward pass and loss
         if cuda_graph:
-            from ride_models.cuda_graph import GraphedTrainStep
-
             graphed = GraphedTrainStep(
-                lambda x, y: loss_fn(module(x).expert_logits, y), optimizer, model=model,
+                forward_loss, optimizer, model=model,
                 amp_dtype=torch.bfloat16 if precision == "bf16" else None, key_fn=loss_fn.schedule_state,
             )  # fmt: skip
 
-            def step() -> None:  # noqa: F811  (the same step, replayed from a CUDA graph)
+            def step() -> None:  # the same step, replayed from a CUDA graph
                 graphed(x, y)
+
+        else:
+
+            def step() -> None:
+                optimizer.zero_grad(set_to_none=True)
+                with self.autocast(precision):
+                    loss = forward_loss(x, y)
+                loss.backward()
+                optimizer.step()
 
         return self.case(
             f"ours {spec.name}", "ours", spec, "train", precision,

@@ -39,8 +39,8 @@ class GraphedTrainStep:
             inf check synchronises: not supported here.
         warmup_steps: eager steps (real training steps) on a side stream before the first recording of a
             new input shape: cuDNN picks its algorithms and the optimizer creates its state.
-        key_fn: the Python-level state of the loss that the graph bakes in; a change records a new graph
-            (default: the loss's ``schedule_state()`` if ``step`` exposes ``loss_fn``, else nothing).
+        key_fn: the Python-level state of the loss that the graph bakes in, e.g. the loss's
+            ``schedule_state``; a change records a new graph (default: none, the loss has no such state).
 
     Each call copies ``x`` and ``y`` into the graph's static inputs and returns the graph's loss tensor,
     which the next call overwrites: read it (or add it to an accumulator on the device) before then.

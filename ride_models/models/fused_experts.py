@@ -64,12 +64,26 @@ def can_fuse(experts: Sequence[nn.Module], training: bool) -> bool:
     return True
 
 
-def _conv(x: torch.Tensor, convs: Sequence[nn.Conv2d], shared_input: bool) -> torch.Tensor:
-    """Expert e's ``convs[e]`` on its channel block of ``x`` (or all on ``x`` when it is shared)."""
+def _conv(
+    x: torch.Tensor,
+    convs: Sequence[nn.Conv2d],
+    shared_input: bool,
+    scale: Optional[torch.Tensor] = None,
+    shift: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Expert e's ``convs[e]`` on its channel block of ``x`` (or all on ``x`` when it is shared).
+
+    With ``scale`` and ``shift`` (``[E * out]``), the output channels are scaled and shifted by folding
+    them into the stacked weights and bias (``_conv_bn`` in eval mode).
+    """
     first = convs[0]
     weight = torch.cat([c.weight for c in convs], dim=0)  # [E * out, in / groups, k, k]
     groups = first.groups if shared_input else first.groups * len(convs)
     bias = None if first.bias is None else torch.cat([c.bias for c in convs])
+    if scale is not None and shift is not None:
+        bias = shift if bias is None else shift + bias * scale
+        weight = weight * scale.to(weight.dtype).view(-1, 1, 1, 1)
+        bias = bias.to(weight.dtype)
     return F.conv2d(x, weight, bias, first.stride, first.padding, first.dilation, groups)
 
 
@@ -98,15 +112,11 @@ def _conv_bn(
     maps instead of two, equal to the two-step computation up to float rounding."""
     if bns[0].training:
         return _batch_norm(_conv(x, convs, shared_input), bns)
-    first, bn = convs[0], bns[0]
-    weight = torch.cat([c.weight for c in convs], dim=0)
-    scale = torch.cat([b.weight for b in bns]) * torch.rsqrt(torch.cat([b.running_var for b in bns]) + bn.eps)
-    bias = torch.cat([b.bias for b in bns]) - torch.cat([b.running_mean for b in bns]) * scale
-    if first.bias is not None:
-        bias = bias + torch.cat([c.bias for c in convs]) * scale
-    groups = first.groups if shared_input else first.groups * len(convs)
-    weight = weight * scale.to(weight.dtype).view(-1, 1, 1, 1)
-    return F.conv2d(x, weight, bias.to(weight.dtype), first.stride, first.padding, first.dilation, groups)
+    scale = torch.cat([b.weight for b in bns]) * torch.rsqrt(
+        torch.cat([b.running_var for b in bns]) + bns[0].eps
+    )
+    shift = torch.cat([b.bias for b in bns]) - torch.cat([b.running_mean for b in bns]) * scale
+    return _conv(x, convs, shared_input, scale, shift)
 
 
 def _shortcut(x: torch.Tensor, blocks: Sequence[nn.Module], shared_input: bool) -> torch.Tensor:
