@@ -55,7 +55,11 @@ Timing: cudnn.benchmark on GPU; ``--warmup`` iterations first (at least 1; compi
 ``--seconds``), with ``torch.cuda.synchronize()`` before and after on GPU. The rounds interleave all
 cases, so drift of a shared machine spreads over all of them; images/s is the median over the rounds.
 Ratios compare rows of the same mode, batch, precision and memory format measured in this process: ours /
-official of the same family and expert count, and against timm's ``resnet50`` for 224x224 models.
+official of the same family and expert count, and against timm's ``resnet50`` for 224x224 models. With
+``--shipped-official``, the official code is also measured as it ships (fp32, contiguous NCHW: it has no
+autocast and no channels-last option), and each of our rows gets a second ratio, "ours / official as
+shipped", against that row of the same mode and batch: what a user gains by switching, our fast path
+(channels-last, bf16, CUDA graphs) included.
 
 Only our models are compiled (``--compile``) and only ours take ``--fused/--no-fused``; routed inference
 is never compiled (its shapes depend on the data). The official EA models print on every forward: that
@@ -118,7 +122,7 @@ ROW_KEYS = (
     "label", "impl", "model", "family", "num_experts", "mode", "routing", "route_shares", "batch",
     "precision", "channels_last", "compiled", "fused", "cuda_graph", "images_per_s", "ms_per_iter",
     "images_per_s_rounds", "iters_per_round", "macs_per_image", "experts_per_image", "realized_shares",
-    "ratio_vs_official", "ratio_vs_all_experts", "ratio_vs_resnet50", "device",
+    "ratio_vs_official", "ratio_vs_official_shipped", "ratio_vs_all_experts", "ratio_vs_resnet50", "device",
 )  # fmt: skip
 
 
@@ -174,13 +178,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--fused-both",
         action="store_true",
-        help="our models: a row with the experts fused and one with them run one by one",
+        help="our models: a row with the experts fused, one with them run one by one (their modules called) "
+        "and one with the library's choice (auto)",
     )
     p.add_argument(
         "--cuda-graph",
         action="store_true",
         help="our training steps: add rows with the whole step replayed as a CUDA graph "
         "(ride_models.cuda_graph.GraphedTrainStep; CUDA only)",
+    )
+    p.add_argument(
+        "--shipped-official",
+        action="store_true",
+        help="with --official-dir: also measure the official code as it ships (fp32, contiguous NCHW: it "
+        "has no autocast and no channels-last option) and give each of our rows its ratio to that",
     )
     p.add_argument(
         "--route-shares",
@@ -721,6 +732,7 @@ def build_cases(args: argparse.Namespace, bench: Bench, precisions: List[str]) -
             specs.append(model_spec(args.baseline))
     share_specs = [] if "none" in args.route_shares else [parse_share_spec(s) for s in args.route_shares]
     cases: List[Case] = []
+    shipped: Dict[Tuple[str, str], Tuple[str, ModelSpec]] = {}  # official rows as shipped, still to add
     for precision in precisions:
         channels_last = precision == "bf16" if args.channels_last is None else args.channels_last
         for mode in ("train", "infer"):
@@ -728,7 +740,7 @@ def build_cases(args: argparse.Namespace, bench: Bench, precisions: List[str]) -
                 continue
             for spec in specs:
                 if spec.impl == "ours":
-                    for fused in [True, False] if args.fused_both else [args.fused]:
+                    for fused in [True, False, None] if args.fused_both else [args.fused]:
                         cases.append(getattr(bench, f"{mode}_ours")(spec, precision, channels_last, fused))
                         # CUDA graphs pay where launches dominate (CIFAR models); a graph also keeps its
                         # activations in a pool of its own, tens of GB for an ImageNet model at batch 256.
@@ -738,6 +750,8 @@ def build_cases(args: argparse.Namespace, bench: Bench, precisions: List[str]) -
                             )
                     if bench.official is not None:
                         cases.append(getattr(bench, f"{mode}_official")(spec, precision, channels_last))
+                        if args.shipped_official and (precision, channels_last) != ("fp32", False):
+                            shipped.setdefault((mode, spec.name), (mode, spec))
                 else:
                     cases.append(getattr(bench, f"{mode}_timm")(spec, precision, channels_last))
         if "routed" not in args.modes:
@@ -760,6 +774,11 @@ def build_cases(args: argparse.Namespace, bench: Bench, precisions: List[str]) -
                 cases.append(bench.routed_ours(spec, shares, precision, channels_last))
                 if bench.official is not None:
                     cases.append(bench.routed_official(spec, shares, precision, channels_last))
+    measured = {(c.mode, c.spec.name) for c in cases if c.impl == "official" and c.precision == "fp32"
+                and not c.channels_last}  # fmt: skip
+    for key, (mode, spec) in shipped.items():
+        if key not in measured:
+            cases.append(getattr(bench, f"{mode}_official")(spec, "fp32", False))
     return cases
 
 
@@ -814,6 +833,7 @@ def _row(case: Case, device: torch.device) -> Dict[str, Any]:
         experts_per_image=case.experts_per_image,
         realized_shares=case.realized_shares,
         ratio_vs_official=None,
+        ratio_vs_official_shipped=None,
         ratio_vs_all_experts=None,
         ratio_vs_resnet50=None,
         device=str(device),
@@ -835,6 +855,11 @@ def add_ratios(rows: List[Dict[str, Any]], baseline: str) -> None:
             other = by_impl.get("official EA" if row["mode"] == "routed" else "official", {}).get(key(row))
             if other:
                 row["ratio_vs_official"] = ips / other["images_per_s"]
+            shipped = by_impl.get("official EA" if row["mode"] == "routed" else "official", {}).get(
+                key(row, precision="fp32", channels_last=False)
+            )
+            if shipped:
+                row["ratio_vs_official_shipped"] = ips / shipped["images_per_s"]
         if row["mode"] == "routed":
             same = by_impl.get(row["impl"].replace(" EA", ""), {}).get(
                 key(row, mode="infer", route_shares=None)
@@ -852,17 +877,18 @@ def _fmt(value: Optional[float], spec: str) -> str:
     return "" if value is None else format(value, spec)
 
 
-FUSED = {True: "fused", False: "unfused"}
+FUSED = {True: "fused", False: "unfused", None: "auto"}  # auto: the library's choice per call
 
 
 def markdown_table(rows: List[Dict[str, Any]]) -> str:
     header = (
         "| model | mode | routing | batch | precision | channels_last | images/s | GMACs/img | experts/img "
-        "| ours/official | vs all experts | vs timm resnet50 |"
+        "| ours/official | ours/official as shipped | vs all experts | vs timm resnet50 |"
     )
-    lines = [header, "| --- | --- | --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [header, "| --- | --- | --- | ---: | --- | --- |" + " ---: |" * 7]
     for r in rows:
-        notes = (["compiled"] if r["compiled"] else []) + ([] if r["fused"] is None else [FUSED[r["fused"]]])
+        notes = ["compiled"] if r["compiled"] else []
+        notes += [FUSED[r["fused"]]] if r["impl"] == "ours" else []
         notes += ["CUDA graph"] if r["cuda_graph"] else []
         label = r["label"] + (f" ({', '.join(notes)})" if notes else "")
         routing = r["routing"]
@@ -873,6 +899,7 @@ def markdown_table(rows: List[Dict[str, Any]]) -> str:
             f"| {label} | {r['mode']} | {routing} | {r['batch']} | {r['precision']} | "
             f"{'yes' if r['channels_last'] else 'no'} | {r['images_per_s']:,.1f} | {_fmt(macs, '.4f')} | "
             f"{_fmt(r['experts_per_image'], '.3f')} | {_fmt(r['ratio_vs_official'], '.2f')} | "
+            f"{_fmt(r['ratio_vs_official_shipped'], '.2f')} | "
             f"{_fmt(r['ratio_vs_all_experts'], '.2f')} | {_fmt(r['ratio_vs_resnet50'], '.2f')} |"
         )
     return "\n".join(lines)

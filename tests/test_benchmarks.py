@@ -112,3 +112,24 @@ def test_speedrun_schedule_scales_with_the_epochs(speedrun):
     short = speedrun.scaled_recipe(20)
     assert (short["milestones"], short["drw_epoch"], short["warmup_epochs"]) == ([16, 18], 16, 0)
     assert short["lr"] == full["lr"] == 0.1 and short["batch_size"] == 128
+
+
+def test_ratios_pair_rows_of_the_same_format_and_the_shipped_official(throughput):
+    def row(impl, ips, precision="fp32", channels_last=False):
+        base = dict.fromkeys(throughput.ROW_KEYS)
+        base.update(impl=impl, model="ride_resnet32_4e", family="resnet32", mode="train", batch=128,
+                    precision=precision, channels_last=channels_last, images_per_s=ips)  # fmt: skip
+        return base
+
+    rows = [
+        row("ours", 300.0, channels_last=True),
+        row("official", 200.0, channels_last=True),
+        row("official", 150.0),
+        row("ours", 600.0, precision="bf16", channels_last=True),
+    ]
+    throughput.add_ratios(rows, "resnet50")
+    assert rows[0]["ratio_vs_official"] == pytest.approx(1.5)  # same memory format
+    assert rows[0]["ratio_vs_official_shipped"] == pytest.approx(2.0)  # official fp32 NCHW
+    assert rows[3]["ratio_vs_official"] is None  # no official bf16 row
+    assert rows[3]["ratio_vs_official_shipped"] == pytest.approx(4.0)
+    assert rows[2]["ratio_vs_official_shipped"] is None  # only our rows get ratios

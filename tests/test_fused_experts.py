@@ -109,7 +109,12 @@ def test_the_default_fuses_where_it_was_measured_faster():
     assert not fusing_pays(imagenet, "cuda", training=True)
     assert fusing_pays(cifar, "cpu", training=True) and fusing_pays(cifar, "cpu", training=False)
     assert fusing_pays(imagenet, "cpu", training=True)
+    assert not fusing_pays(cifar, "cpu", training=True, channels_last=True)
+    assert fusing_pays(cifar, "cuda", training=True, channels_last=True)
     model = timm.create_model("ride_resnet32_2e")
     assert model.fused_experts is None  # the default: decided per call
+    maps = torch.randn(2, 16, 8, 8)
+    assert model._use_fused(maps)
+    assert not model._use_fused(maps.contiguous(memory_format=torch.channels_last))
     model.set_fused_experts(False)
     assert model.fused_experts is False

@@ -26,7 +26,9 @@ from torch import nn
 __all__ = ["can_fuse", "fused_expert_stages", "fusing_pays"]
 
 
-def fusing_pays(experts: Sequence[nn.Module], device_type: str, training: bool) -> bool:
+def fusing_pays(
+    experts: Sequence[nn.Module], device_type: str, training: bool, channels_last: bool = False
+) -> bool:
     """Whether the fused pass is the faster one, by what was measured (benchmarks/throughput.py):
 
     * CUDA, basic-block experts (the CIFAR ResNet-32): fused. One NVIDIA H200, ``ride_resnet32_4e``, batch
@@ -34,15 +36,20 @@ def fusing_pays(experts: Sequence[nn.Module], device_type: str, training: bool) 
     * CUDA, bottleneck experts (ResNet-50, ResNeXt-50): one by one. cuDNN's grouped convolutions are
       slower than E dense ones there: ``ride_resnet50_3e`` bf16 channels-last training ran at 0.82x the
       official per-expert loop when fused.
-    * CPU (oneDNN, 2 cores, ``ride_resnet32_4e`` fp32): fused. Against the official code in the same
-      process, fused 1.17x (training, batch 128) and 1.20x (inference, batch 256), one by one 1.03x and
-      1.01x; these figures move by about 0.1 from run to run on the shared machines.
+    * CPU (oneDNN, 2 cores, ``ride_resnet32_4e`` fp32), contiguous (NCHW) maps: fused. Against the official
+      code in the same process, fused 1.17x (training, batch 128) and 1.20x (inference, batch 256), one by
+      one 1.03x and 1.01x.
+    * CPU, channels-last maps: one by one. There oneDNN's grouped convolutions lose their edge while its
+      dense ones gain more: against the official code in channels-last, fused 0.92x (training) and 0.97x
+      (inference), one by one 1.03x and 1.01x. (CPU figures move by about 0.1 from run to run on the
+      shared machines.)
 
     ``training`` is part of the signature because the answer could differ between the two; no measurement
     so far has made it differ.
     """
-    basic_blocks = not any(hasattr(m, "conv3") for m in experts[0].modules())
-    return basic_blocks or device_type != "cuda"
+    if device_type != "cuda":
+        return not channels_last
+    return not any(hasattr(m, "conv3") for m in experts[0].modules())  # basic-block experts
 
 
 def can_fuse(experts: Sequence[nn.Module], training: bool) -> bool:

@@ -649,7 +649,8 @@ class RIDEResNet(nn.Module):
             return False
         enabled = self.fused_experts
         if enabled is None:
-            enabled = fusing_pays(list(self.experts), x.device.type, self.training)
+            channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+            enabled = fusing_pays(list(self.experts), x.device.type, self.training, channels_last)
         return enabled and can_fuse(list(self.experts), self.training)
 
     @torch.jit.unused
