@@ -200,10 +200,11 @@ class BasicBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x
         x = self.act1(self.bn1(self.conv1(x)))
-        x = self.bn2(self.conv2(x))
+        x = self.drop_path(self.bn2(self.conv2(x)))
         if self.downsample is not None:
             shortcut = self.downsample(shortcut)
-        return self.act2(self.drop_path(x) + shortcut)
+        x += shortcut  # in place, as timm's blocks: batch norm's backward does not read its output
+        return self.act2(x)
 
 
 class Bottleneck(nn.Module):
@@ -240,10 +241,11 @@ class Bottleneck(nn.Module):
         shortcut = x
         x = self.act1(self.bn1(self.conv1(x)))
         x = self.act2(self.bn2(self.conv2(x)))
-        x = self.bn3(self.conv3(x))
+        x = self.drop_path(self.bn3(self.conv3(x)))
         if self.downsample is not None:
             shortcut = self.downsample(shortcut)
-        return self.act3(self.drop_path(x) + shortcut)
+        x += shortcut
+        return self.act3(x)
 
 
 BlockType = Union[Type[BasicBlock], Type[Bottleneck]]
