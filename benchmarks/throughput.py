@@ -122,7 +122,8 @@ ROW_KEYS = (
     "label", "impl", "model", "family", "num_experts", "mode", "routing", "route_shares", "batch",
     "precision", "channels_last", "compiled", "fused", "cuda_graph", "images_per_s", "ms_per_iter",
     "images_per_s_rounds", "iters_per_round", "macs_per_image", "experts_per_image", "realized_shares",
-    "ratio_vs_official", "ratio_vs_official_shipped", "ratio_vs_all_experts", "ratio_vs_resnet50", "device",
+    "profile", "ratio_vs_official", "ratio_vs_official_shipped", "ratio_vs_all_experts", "ratio_vs_resnet50",
+    "device",
 )  # fmt: skip
 
 
@@ -207,6 +208,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5, help="rounds; images/s is their median")
     p.add_argument("--loss-epoch", type=int, default=1, help="epoch the losses are set to (DRW after 160/80)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after timing, profile N iterations of every case (torch.profiler) and report the operators "
+        "taking the most time (GPU time on CUDA, CPU time on the CPU)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default="", metavar="OUT", help="write the machine and every row to OUT")
     return p
@@ -475,6 +484,7 @@ class Case:
     macs_per_image: Optional[float] = None
     experts_per_image: Optional[float] = None
     realized_shares: Optional[List[float]] = None
+    profile: Optional[List[Dict[str, Any]]] = None
     iters: int = 1
     rounds: List[float] = field(default_factory=list)  # images/s of each round
 
@@ -807,6 +817,45 @@ def measure(cases: List[Case], args: argparse.Namespace, device: torch.device) -
             case.rounds.append(case.batch * case.iters / _timed(case.step, case.iters, device))
 
 
+PROFILE_ROWS = 12
+
+
+def profile_case(case: Case, iters: int, device: torch.device) -> List[Dict[str, Any]]:
+    """The operators taking the most self time over ``iters`` iterations of ``case``: on CUDA the GPU time
+    of the kernels each launched, on the CPU the CPU time. Each with ms per iteration, its share of the
+    profiled total and its calls per iteration."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        _timed(case.step, iters, device)
+    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, attr) > 0]
+    total = sum(getattr(e, attr) for e in events) or 1.0
+    events.sort(key=lambda e: getattr(e, attr), reverse=True)
+    return [
+        dict(
+            name=e.key,
+            ms_per_iter=getattr(e, attr) / 1e3 / iters,
+            share=getattr(e, attr) / total,
+            calls_per_iter=e.count / iters,
+        )
+        for e in events[:PROFILE_ROWS]
+    ]
+
+
+def profile_table(case: Case) -> str:
+    mode = f"{case.mode}, batch {case.batch}, {case.precision}" + (
+        ", channels-last" if case.channels_last else ""
+    )
+    lines = [f"profile of {case.label} ({mode}), the {PROFILE_ROWS} operators with the most self time:"]
+    lines += ["| operator | ms / iteration | share | calls / iteration |", "| --- | ---: | ---: | ---: |"]
+    for p in case.profile or []:
+        lines.append(f"| {p['name']} | {p['ms_per_iter']:.2f} | {p['share']:.1%} | {p['calls_per_iter']:g} |")
+    return "\n".join(lines)
+
+
 # -------------------------------------------------------------------------------------------- reporting
 def _row(case: Case, device: torch.device) -> Dict[str, Any]:
     ips = statistics.median(case.rounds) if case.rounds else float("nan")
@@ -832,6 +881,7 @@ def _row(case: Case, device: torch.device) -> Dict[str, Any]:
         macs_per_image=case.macs_per_image,
         experts_per_image=case.experts_per_image,
         realized_shares=case.realized_shares,
+        profile=case.profile,
         ratio_vs_official=None,
         ratio_vs_official_shipped=None,
         ratio_vs_all_experts=None,
@@ -969,10 +1019,16 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                 f"(all experts {bench.breakdown(case.spec).all_experts / 1e9:.4f})"
             )
     measure(cases, args, device)
+    if args.profile > 0:
+        for case in cases:
+            case.profile = profile_case(case, args.profile, device)
     rows = [_row(case, device) for case in cases]
     add_ratios(rows, args.baseline)
     print()
     print(markdown_table(rows))
+    for case in cases if args.profile > 0 else []:
+        print()
+        print(profile_table(case))
     result = dict(machine=info, args=vars(args), rows=rows)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -133,3 +133,14 @@ def test_ratios_pair_rows_of_the_same_format_and_the_shipped_official(throughput
     assert rows[3]["ratio_vs_official"] is None  # no official bf16 row
     assert rows[3]["ratio_vs_official_shipped"] == pytest.approx(4.0)
     assert rows[2]["ratio_vs_official_shipped"] is None  # only our rows get ratios
+
+
+def test_throughput_profile_names_where_the_time_goes(throughput, capsys):
+    argv = ["--device", "cpu", "--models", "ride_resnet32_2e", "--modes", "train", "--batch-size", "4"]
+    result = throughput.main(argv + ["--warmup", "1", "--iters", "1", "--repeats", "1", "--profile", "2"])
+    (row,) = result["rows"]
+    ops = {p["name"]: p for p in row["profile"]}
+    assert 0 < len(ops) <= throughput.PROFILE_ROWS
+    assert "aten::convolution_backward" in ops and ops["aten::convolution_backward"]["calls_per_iter"] > 0
+    assert all(0 < p["share"] <= 1 and p["ms_per_iter"] > 0 for p in row["profile"])
+    assert "profile of ours ride_resnet32_2e (train, batch 4, fp32)" in capsys.readouterr().out
