@@ -1,33 +1,68 @@
 #!/usr/bin/env bash
-# The GPU checks of one session, in one go (a GPU is lent for minutes, not hours). Each part has its own
+# The GPU checks of a session, in one go (a GPU is lent for minutes, not hours). Each part has its own
 # time limit so that one slow part cannot starve the others; everything is logged under $OUT (default
 # ./gpu_out). Needs: a CUDA GPU, torch, timm; the CIFAR-10 JPEG archives in $DATA (default
 # ../shared/data/cifar10) and a copy of the official RIDE repository in $OFFICIAL (optional).
 #
 #   OUT=gpu_out DATA=../shared/data/cifar10 OFFICIAL=/path/to/RIDE-LongTailRecognition bash benchmarks/gpu_checks.sh
+#
+# PARTS picks the parts and their order (default: all, about 17 minutes on an H200 with every limit
+# reached; a call of at most 10 minutes takes, say, PARTS="tests train speedrun_fp32 r50" then
+# PARTS="speedrun_seed1 r32"):
+#   tests           the CUDA tests: CUDA-graph steps against eager steps, the device-resident loader
+#   train           train.py --cuda-graph for 2 epochs on the embedded digits (bf16, channels-last)
+#   speedrun        the CIFAR-10-LT speed run, the default recipe (bf16, seed 0)
+#   speedrun_seed1  the same with seed 1 (seed-to-seed spread of the accuracy)
+#   speedrun_fp32   the same in float32 (--amp none: what bf16 costs in accuracy)
+#   r32             throughput of ride_resnet32_4e (CUDA graphs, the official code as shipped)
+#   r50             throughput of ride_resnet50_3e and timm's resnet50, with a profile of every case
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
 DATA=${DATA:-../shared/data/cifar10}
 OFFICIAL=${OFFICIAL:-}
+PARTS=${PARTS:-tests train speedrun speedrun_seed1 speedrun_fp32 r32 r50}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+official_args=()
+[ -n "$OFFICIAL" ] && official_args=(--official-dir "$OFFICIAL" --shipped-official)
 {
     nvidia-smi -L
     python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__, torch.cuda.get_device_name())"
+    git log -1 --format='code: %H %s' 2>/dev/null || true
 } 2>&1 | tee "$OUT/machine.txt"
 
-# 1. The CUDA tests (graph steps against eager steps, the device-resident loader on the GPU).
-timeout "${TESTS_S:-70}" python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graph.py tests/test_data_loaders.py \
-    2>&1 | tail -n 15 | tee "$OUT/tests.txt"
+speedrun() {  # speedrun NAME [flags...]
+    local name=$1
+    shift
+    timeout "${SPEEDRUN_S:-300}" python3 benchmarks/cifar_lt_speedrun.py --data-dir "$DATA" \
+        --json "$OUT/$name.json" "$@" 2>&1 | tee "$OUT/$name.txt"
+}
 
-# 2. The CIFAR-10-LT speed run: the full 200-epoch recipe, end to end.
-timeout "${SPEEDRUN_S:-300}" python3 benchmarks/cifar_lt_speedrun.py --data-dir "$DATA" --json "$OUT/speedrun.json" \
-    2>&1 | tee "$OUT/speedrun.txt"
-
-# 3. Throughput against the official code and timm's resnet50, in one process.
-official_args=()
-[ -n "$OFFICIAL" ] && official_args=(--official-dir "$OFFICIAL")
-timeout "${THROUGHPUT_S:-200}" python3 benchmarks/throughput.py --device cuda "${official_args[@]}" \
-    --models ride_resnet32_4e ride_resnet50_3e --fused-both --cuda-graph --seconds 0.4 --repeats 3 \
-    --json "$OUT/throughput.json" 2>&1 | tee "$OUT/throughput.txt"
+for part in $PARTS; do
+    echo "=== $part ($(date -u +%H:%M:%S))"
+    case $part in
+    tests)
+        timeout "${TESTS_S:-90}" python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graph.py \
+            tests/test_data_loaders.py 2>&1 | tail -n 15 | tee "$OUT/tests.txt"
+        ;;
+    train)
+        timeout "${TRAIN_S:-90}" python3 train.py --model ride_resnet32_3e --epochs 2 --cuda-graph --amp \
+            --amp-dtype bfloat16 --channels-last --output "$OUT/train_runs" 2>&1 | tail -n 20 | tee "$OUT/train.txt"
+        ;;
+    speedrun) speedrun speedrun ;;
+    speedrun_seed1) speedrun speedrun_seed1 --seed 1 ;;
+    speedrun_fp32) speedrun speedrun_fp32 --amp none ;;
+    r32)
+        timeout "${THROUGHPUT_S:-200}" python3 benchmarks/throughput.py --device cuda "${official_args[@]}" \
+            --models ride_resnet32_4e --fused-both --cuda-graph --precision fp32 bf16 --seconds 0.3 \
+            --repeats 3 --warmup 2 --json "$OUT/throughput_r32.json" 2>&1 | tee "$OUT/throughput_r32.txt"
+        ;;
+    r50)
+        timeout "${THROUGHPUT_S:-200}" python3 benchmarks/throughput.py --device cuda "${official_args[@]}" \
+            --models ride_resnet50_3e --precision fp32 bf16 --seconds 0.3 --repeats 3 --warmup 2 \
+            --profile 3 --json "$OUT/throughput_r50.json" 2>&1 | tee "$OUT/throughput_r50.txt"
+        ;;
+    *) echo "unknown part $part (parts: tests train speedrun speedrun_seed1 speedrun_fp32 r32 r50)" ;;
+    esac
+done
