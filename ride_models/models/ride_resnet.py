@@ -738,12 +738,13 @@ class RIDEResNet(nn.Module):
         for i in range(1, self.num_experts):
             z = self.router.decision(i - 1, features, running_sum / i)  # [n_active]
             router_logits[active, i - 1] = z.to(router_logits.dtype)  # bf16 under autocast, like the heads
-            keep = torch.sigmoid(z) > threshold
-            if not bool(keep.any()):
+            # One host synchronisation per decision: nonzero() must learn how many samples go on.
+            keep = (torch.sigmoid(z) > threshold).nonzero().squeeze(1)  # positions within the active samples
+            if keep.numel() == 0:
                 break
-            active = active[keep]
-            features = self.global_pool(self.experts[i](shared[active]))
-            running_sum = running_sum[keep] + self.heads[i](features)
+            active = active.index_select(0, keep)
+            features = self.global_pool(self.experts[i](shared.index_select(0, active)))
+            running_sum = running_sum.index_select(0, keep) + self.heads[i](features)
             logit_sum[active] = running_sum
             num_experts[active] += 1
         return RoutedOutput(
