@@ -16,6 +16,8 @@
 #   speedrun_fp32   the same in float32 (--amp none: what bf16 costs in accuracy)
 #   r32             throughput of ride_resnet32_4e (CUDA graphs, the official code as shipped)
 #   r50             throughput of ride_resnet50_3e and timm's resnet50, with a profile of every case
+#   r50_compile     ride_resnet50_3e training under torch.compile, bf16 (not in the default list: minutes of
+#                   compilation)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
@@ -63,6 +65,11 @@ for part in $PARTS; do
             --models ride_resnet50_3e --precision fp32 bf16 --seconds 0.3 --repeats 3 --warmup 2 \
             --profile 3 --json "$OUT/throughput_r50.json" 2>&1 | tee "$OUT/throughput_r50.txt"
         ;;
-    *) echo "unknown part $part (parts: tests train speedrun speedrun_seed1 speedrun_fp32 r32 r50)" ;;
+    r50_compile)
+        timeout "${COMPILE_S:-400}" python3 benchmarks/throughput.py --device cuda "${official_args[@]}" \
+            --models ride_resnet50_3e --baseline none --modes train --precision bf16 --compile --seconds 0.3 \
+            --repeats 3 --warmup 2 --json "$OUT/throughput_r50_compile.json" 2>&1 | tee "$OUT/throughput_r50_compile.txt"
+        ;;
+    *) echo "unknown part $part (parts: tests train speedrun speedrun_seed1 speedrun_fp32 r32 r50 r50_compile)" ;;
     esac
 done
