@@ -742,7 +742,7 @@ def build_cases(args: argparse.Namespace, bench: Bench, precisions: List[str]) -
             specs.append(model_spec(args.baseline))
     share_specs = [] if "none" in args.route_shares else [parse_share_spec(s) for s in args.route_shares]
     cases: List[Case] = []
-    shipped: Dict[Tuple[str, str], Tuple[str, ModelSpec]] = {}  # official rows as shipped, still to add
+    shipped: Dict[Tuple[str, str], ModelSpec] = {}  # (mode, model) -> official rows as shipped, to add
     for precision in precisions:
         channels_last = precision == "bf16" if args.channels_last is None else args.channels_last
         for mode in ("train", "infer"):
@@ -761,7 +761,7 @@ def build_cases(args: argparse.Namespace, bench: Bench, precisions: List[str]) -
                     if bench.official is not None:
                         cases.append(getattr(bench, f"{mode}_official")(spec, precision, channels_last))
                         if args.shipped_official and (precision, channels_last) != ("fp32", False):
-                            shipped.setdefault((mode, spec.name), (mode, spec))
+                            shipped[(mode, spec.name)] = spec
                 else:
                     cases.append(getattr(bench, f"{mode}_timm")(spec, precision, channels_last))
         if "routed" not in args.modes:
@@ -786,8 +786,8 @@ def build_cases(args: argparse.Namespace, bench: Bench, precisions: List[str]) -
                     cases.append(bench.routed_official(spec, shares, precision, channels_last))
     measured = {(c.mode, c.spec.name) for c in cases if c.impl == "official" and c.precision == "fp32"
                 and not c.channels_last}  # fmt: skip
-    for key, (mode, spec) in shipped.items():
-        if key not in measured:
+    for (mode, name), spec in shipped.items():
+        if (mode, name) not in measured:
             cases.append(getattr(bench, f"{mode}_official")(spec, "fp32", False))
     return cases
 

@@ -40,9 +40,10 @@ def fusing_pays(
       code in the same process, fused 1.17x (training, batch 128) and 1.20x (inference, batch 256), one by
       one 1.03x and 1.01x.
     * CPU, channels-last maps: one by one. There oneDNN's grouped convolutions lose their edge while its
-      dense ones gain more: against the official code in channels-last, fused 0.92x (training) and 0.97x
-      (inference), one by one 1.03x and 1.01x. (CPU figures move by about 0.1 from run to run on the
-      shared machines.)
+      dense ones gain more: against the official code in channels-last, in two runs, fused 0.92x and 0.99x
+      (training), 0.98x and 0.99x (inference), one by one 1.01x both (training), 1.02x and 0.99x
+      (inference); ``ride_resnet50_3e`` training (batch 16) 0.77x fused, 0.98x one by one. (CPU figures
+      move by about 0.05 to 0.1 from run to run on the shared machines.)
 
     ``training`` is part of the signature because the answer could differ between the two; no measurement
     so far has made it differ.
