@@ -47,10 +47,11 @@ if str(_ROOT) not in sys.path:  # run from a clone without installing
 import timm  # noqa: E402
 
 import ride_models  # noqa: E402, F401  (registers the models)
+from ride_models.cuda_graph import GraphedTrainStep  # noqa: E402
 from ride_models.data import DeviceDataLoader, cifar_lt_indices  # noqa: E402
 from ride_models.data.datasets import CIFAR10_CLASSES  # noqa: E402
 from ride_models.data.transforms import SMALL_IMAGE_CONFIGS  # noqa: E402
-from ride_models.engine import make_step  # noqa: E402
+from ride_models.engine import make_step, train_one_epoch  # noqa: E402
 from ride_models.losses import create_loss  # noqa: E402
 from ride_models.metrics import evaluate  # noqa: E402
 from ride_models.scheduler import lr_at_epoch  # noqa: E402
@@ -131,55 +132,40 @@ def scaled_recipe(epochs: int) -> dict:
     )
 
 
-def build_trainer(model, loss_fn, recipe: dict, device: torch.device, amp_dtype, cuda_graph: bool):
-    """The SGD optimizer and ``train_step(x, y) -> loss`` (a CUDA graph replay on CUDA)."""
+def build_trainer(model, loss_fn, recipe: dict, amp_dtype, cuda_graph: bool):
+    """The SGD optimizer and the step for ``engine.train_one_epoch``: train.py's forward pass and loss, or
+    on CUDA the whole step (forward, loss, backward, SGD) replayed as a CUDA graph."""
     optimizer = build_optimizer(model, recipe["lr"], recipe["weight_decay"])
     step = make_step("experts", model, loss_fn)
     if cuda_graph:
-        from ride_models.cuda_graph import GraphedTrainStep
-
-        return optimizer, GraphedTrainStep(
+        step = GraphedTrainStep(
             step, optimizer, model=model, amp_dtype=amp_dtype, key_fn=loss_fn.schedule_state
         )
-
-    def eager_step(x, y):
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            loss = step(x, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return loss.detach()
-
-    return optimizer, eager_step
+    return optimizer, step
 
 
-def time_expert_pass(model, loss_fn, recipe, loader, device, amp_dtype, cuda_graph, steps: int = 30) -> dict:
+def run_epoch(step, batches, optimizer, epoch: int, device: torch.device, amp_dtype) -> float:
+    """One epoch of ``batches`` through train.py's loop (``engine.train_one_epoch``), silent: the loss is
+    read once, at the end (one host synchronisation per epoch). Returns the epoch's mean loss."""
+    return train_one_epoch(
+        step, batches, optimizer, epoch=epoch, device=device, amp_dtype=amp_dtype, channels_last=True,
+        log_interval=len(batches), verbose=False,
+    )  # fmt: skip
+
+
+def time_expert_pass(model, loss_fn, recipe, loader, device, amp_dtype, cuda_graph, steps: int = 32) -> dict:
     """Seconds per step of the fused and the per-expert pass, on throw-away copies of the model."""
     times = {}
-    batches = [(_channels_last(x), y) for _, (x, y) in zip(range(4), loader)]
+    batches = [batch for _, batch in zip(range(4), loader)]
     for fused in (True, False):
         trial = copy.deepcopy(model)
         trial.set_fused_experts(fused)
-        _, train_step = build_trainer(trial, copy.deepcopy(loss_fn), recipe, device, amp_dtype, cuda_graph)
-        for i in range(6):  # warm-up and recording
-            train_step(*batches[i % len(batches)])
-        _sync(device)
-        start = time.perf_counter()
-        for i in range(steps):
-            train_step(*batches[i % len(batches)])
-        _sync(device)
+        optimizer, step = build_trainer(trial, copy.deepcopy(loss_fn), recipe, amp_dtype, cuda_graph)
+        run_epoch(step, batches * 2, optimizer, 0, device, amp_dtype)  # warm-up and graph recording
+        start = time.perf_counter()  # (run_epoch ends by reading the loss: the device has finished)
+        run_epoch(step, batches * (steps // len(batches)), optimizer, 0, device, amp_dtype)
         times["fused" if fused else "per_expert"] = (time.perf_counter() - start) / steps
     return times
-
-
-def _channels_last(x: torch.Tensor) -> torch.Tensor:
-    """Channels-last: the faster layout for the convolutions of cuDNN and of oneDNN (CPU) alike."""
-    return x.contiguous(memory_format=torch.channels_last)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def main(argv=None) -> dict:
@@ -192,7 +178,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--fused", choices=("auto", "on", "off"), default="auto")
     parser.add_argument("--no-cuda-graph", action="store_true", help="eager steps on CUDA")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--log-every", type=int, default=10, help="epochs between loss reads")
+    parser.add_argument("--log-every", type=int, default=10, help="epochs between printed losses")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
 
@@ -233,11 +219,9 @@ def main(argv=None) -> dict:
     else:
         fused = args.fused == "on"
     model.set_fused_experts(fused)
-    optimizer, train_step = build_trainer(model, loss_fn, recipe, device, amp_dtype, cuda_graph)
+    optimizer, step = build_trainer(model, loss_fn, recipe, amp_dtype, cuda_graph)
 
     train_start = time.perf_counter()
-    loss_sum = torch.zeros((), device=device)
-    steps = 0
     for epoch in range(1, recipe["epochs"] + 1):
         lr = lr_at_epoch(
             epoch, schedule="step", base_lr=recipe["lr"], epochs=recipe["epochs"],
@@ -247,17 +231,9 @@ def main(argv=None) -> dict:
             group["lr"] = lr
         loss_fn.set_epoch(epoch)
         train_loader.set_epoch(epoch)
-        for x, y in train_loader:
-            loss_sum += train_step(_channels_last(x), y)
-            steps += 1
+        loss = run_epoch(step, train_loader, optimizer, epoch, device, amp_dtype)
         if epoch % args.log_every == 0 or epoch == recipe["epochs"]:
-            mean = loss_sum.item() / steps
-            if not np.isfinite(mean):
-                raise SystemExit(f"the training loss became {mean} by epoch {epoch}")
-            print(f"epoch {epoch}: lr {lr:.4g} train loss {mean:.4f} | {time.perf_counter() - start:.1f} s")
-            loss_sum.zero_()
-            steps = 0
-    _sync(device)
+            print(f"epoch {epoch}: lr {lr:.4g} train loss {loss:.4f} | {time.perf_counter() - start:.1f} s")
     train_seconds = time.perf_counter() - train_start
 
     result = evaluate(
@@ -269,7 +245,7 @@ def main(argv=None) -> dict:
     out = dict(
         model=args.model, loss="ldam_diversity", epochs=recipe["epochs"], device=device_name,
         torch=torch.__version__, amp=str(amp_dtype), fused_experts=fused, cuda_graph=cuda_graph,
-        graphs_recorded=getattr(train_step, "recordings", None),
+        graphs_recorded=getattr(step, "recordings", None),
         top1=round(result.top1, 2), many=round(result.many_top1, 2), medium=round(result.medium_top1, 2),
         few=None if np.isnan(result.few_top1) else round(result.few_top1, 2),
         data_seconds=round(data_seconds, 1), train_seconds=round(train_seconds, 1),

@@ -144,3 +144,29 @@ def test_throughput_profile_names_where_the_time_goes(throughput, capsys):
     assert "aten::convolution_backward" in ops and ops["aten::convolution_backward"]["calls_per_iter"] > 0
     assert all(0 < p["share"] <= 1 and p["ms_per_iter"] > 0 for p in row["profile"])
     assert "profile of ours ride_resnet32_2e (train, batch 4, fp32)" in capsys.readouterr().out
+
+
+def test_speedrun_epoch_trains_through_the_engine_loop(speedrun):
+    import copy
+
+    import torch
+
+    from ride_models.data import DeviceDataLoader
+    from ride_models.data.transforms import SMALL_IMAGE_CONFIGS
+    from ride_models.losses import create_loss
+
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (24, 3, 32, 32), dtype=torch.uint8)
+    targets = torch.arange(24) % 10
+    loader = DeviceDataLoader(images, targets, 8, SMALL_IMAGE_CONFIGS["cifar10_lt"])
+    model = timm.create_model("ride_resnet32_2e", num_classes=10).train()
+    model.set_expert_training(True)
+    model.to(memory_format=torch.channels_last)
+    before = copy.deepcopy(model.state_dict())
+    recipe = speedrun.scaled_recipe(2)
+    loss_fn = create_loss("ldam_diversity", [3] * 10, drw_epoch=recipe["drw_epoch"], **recipe["loss_kwargs"])
+    optimizer, step = speedrun.build_trainer(model, loss_fn, recipe, None, cuda_graph=False)
+    loss = speedrun.run_epoch(step, loader, optimizer, 1, torch.device("cpu"), None)
+    assert isinstance(loss, float) and loss > 0
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert any(k.startswith("experts.1.") for k in changed) and "conv1.weight" in changed
