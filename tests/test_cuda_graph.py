@@ -7,8 +7,8 @@ import timm
 import torch
 
 import ride_models  # noqa: F401
-from ride_models.engine import make_step
-from ride_models.losses import create_loss
+from ride_models.engine import RouterTrainStep, make_step
+from ride_models.losses import LOSS_NAMES, create_loss
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -89,3 +89,40 @@ def test_graphed_steps_train_as_eager_steps(fused, deterministic_cudnn):
     torch.testing.assert_close(runs[1], runs[0], rtol=1e-5, atol=1e-5)
     for (k, a), b in zip(eager.state_dict().items(), graphed.state_dict().values()):
         torch.testing.assert_close(a.float(), b.float(), rtol=1e-5, atol=1e-5, msg=k)
+
+
+# A CUDA graph records a step only if the step never waits on the device: no ``.item()``, no ``bool(t)``,
+# no shape read off a tensor's values. The same operations make torch.compile break its graph, so tracing
+# with ``fullgraph=True`` (the "eager" backend: tracing only, nothing compiled) checks, on the CPU, that
+# every stage's forward pass and loss would record. One loss per step function, each past its DRW epoch.
+_CLASS_COUNTS = [100, 50, 20, 10, 5]
+_EXPERT_LOSSES = [n for n in LOSS_NAMES if n not in ("routing", "distill")]
+
+
+def _traces_as_one_graph(step, x, y) -> None:
+    torch._dynamo.reset()
+    try:
+        traced = torch.compile(step, backend="eager", fullgraph=True)
+        eager_loss = step(x, y)
+        torch.testing.assert_close(traced(x, y), eager_loss)
+    finally:
+        torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("loss_name", [*_EXPERT_LOSSES, "routing", "distill"])
+def test_training_steps_do_not_wait_on_the_device(loss_name):
+    torch.manual_seed(0)
+    model = timm.create_model("ride_resnet32_2e", num_classes=len(_CLASS_COUNTS)).train()
+    x, y = torch.randn(6, 3, 32, 32), torch.tensor([0, 1, 2, 3, 4, 0])
+    if loss_name == "routing":
+        model.set_router_training(True)
+        step = make_step("router", RouterTrainStep(model), create_loss("routing"))
+    else:
+        model.set_expert_training(True)
+        teacher = None
+        if loss_name == "distill":
+            teacher = timm.create_model("ride_resnet32_2e", num_classes=len(_CLASS_COUNTS)).eval()
+        loss_fn = create_loss(loss_name, _CLASS_COUNTS, drw_epoch=1)
+        loss_fn.set_epoch(2)
+        step = make_step("distill" if teacher is not None else "experts", model, loss_fn, teacher)
+    _traces_as_one_graph(step, x, y)
