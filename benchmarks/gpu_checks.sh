@@ -16,8 +16,9 @@
 #   speedrun_fp32   the same in float32 (--amp none: what bf16 costs in accuracy)
 #   r32             throughput of ride_resnet32_4e (CUDA graphs, the official code as shipped)
 #   r50             throughput of ride_resnet50_3e and timm's resnet50, with a profile of every case
-#   r50_compile     ride_resnet50_3e training under torch.compile, bf16 (not in the default list: minutes of
-#                   compilation)
+#   r50_compile     ride_resnet50_3e under torch.compile, bf16: training, all-experts and routed inference,
+#                   beside the official code and timm's resnet50 (eager); not in the default list: minutes of
+#                   compilation
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
@@ -67,7 +68,7 @@ for part in $PARTS; do
         ;;
     r50_compile)
         timeout "${COMPILE_S:-400}" python3 benchmarks/throughput.py --device cuda "${official_args[@]}" \
-            --models ride_resnet50_3e --baseline none --modes train --precision bf16 --compile --seconds 0.3 \
+            --models ride_resnet50_3e --modes train infer routed --precision bf16 --compile --seconds 0.3 \
             --repeats 3 --warmup 2 --json "$OUT/throughput_r50_compile.json" 2>&1 | tee "$OUT/throughput_r50_compile.txt"
         ;;
     *) echo "unknown part $part (parts: tests train speedrun speedrun_seed1 speedrun_fp32 r32 r50 r50_compile)" ;;

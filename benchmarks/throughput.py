@@ -61,13 +61,14 @@ autocast and no channels-last option), and each of our rows gets a second ratio,
 shipped", against that row of the same mode and batch: what a user gains by switching, our fast path
 (channels-last, bf16, CUDA graphs) included.
 
-Only our models are compiled (``--compile``) and only ours take ``--fused/--no-fused``; routed inference
-is never compiled (its shapes depend on the data). The official EA models print on every forward: that
-output goes to /dev/null, its cost (and its host syncs) stays in the measurement. The official code is
-imported from ``--official-dir`` at run time (it needs pandas; nothing of it is copied here). Work-arounds
-applied to it at run time: its ``RIDELoss`` calls ``.cuda()`` in its constructor, which is made a no-op on
-CPU; its ImageNet EA cascade (``EAResNet``) builds uint8 masks that current PyTorch rejects, so ``uint8``
-is read as ``bool`` inside that one module (the semantics old PyTorch gave them).
+Only our models are compiled (``--compile``) and only ours take ``--fused/--no-fused``. Routed inference is
+compiled with dynamic shapes (its batch after each routing decision depends on the data; a graph break at
+each decision, where the cascade reads how many samples go on). The official EA models print on every
+forward: that output goes to /dev/null, its cost (and its host syncs) stays in the measurement. The official
+code is imported from ``--official-dir`` at run time (it needs pandas; nothing of it is copied here).
+Work-arounds applied to it at run time: its ``RIDELoss`` calls ``.cuda()`` in its constructor, which is made
+a no-op on CPU; its ImageNet EA cascade (``EAResNet``) builds uint8 masks that current PyTorch rejects, so
+``uint8`` is read as ``bool`` inside that one module (the semantics old PyTorch gave them).
 """
 
 from __future__ import annotations
@@ -169,7 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="channels_last memory format (default: on for bf16, off for fp32, as in the anchors)",
     )
-    p.add_argument("--compile", action="store_true", help="torch.compile our models (train and all-experts)")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile our models (training, all-experts and routed inference)",
+    )
     p.add_argument(
         "--fused",
         action=argparse.BooleanOptionalAction,
@@ -692,9 +697,13 @@ class Bench:
             model.set_routing("router", 0.5)
         with torch.inference_mode(), self.autocast(precision):
             num_experts = model.route(x).num_experts
+        # Symbolic batch sizes: the graphs after each routing decision serve any number of samples, not
+        # only the counts this fixed input happens to send on.
+        module = torch.compile(model, dynamic=True) if self.args.compile else model
         case = self._routed_case(f"ours {spec.name}", "ours", spec, shares, precision, channels_last,
-                                 self._infer_step(model, x, precision), num_experts)  # fmt: skip
+                                 self._infer_step(module, x, precision), num_experts)  # fmt: skip
         case.fused = fused_state(model)
+        case.compiled = self.args.compile
         return case
 
     def routed_official(
