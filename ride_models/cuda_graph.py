@@ -11,6 +11,10 @@ for every other step.
 What the step needs: no host synchronisation (``.item()``, ``bool(tensor)``, data-dependent shapes)
 between forward and optimizer step, and no randomness inside the model (dropout or stochastic depth
 would replay the same masks). The RIDE models and losses meet this in stage 1 (``make_step("experts")``).
+
+:class:`GraphedRouting` does the same for routed inference, whose later experts see a number of samples
+known only once the router has decided: each expert is recorded for a few fixed batch sizes ("buckets"),
+and the samples that go on are padded up to the next bucket.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 from torch import nn
 
-__all__ = ["GraphedTrainStep"]
+from ride_models.models.ride_resnet import RoutedOutput
+
+__all__ = ["GraphedRouting", "GraphedTrainStep"]
 
 StepFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -135,3 +141,194 @@ def _check_no_randomness(model: nn.Module) -> None:
             f"a CUDA graph would replay the same random masks every step, and these modules draw them: "
             f"{random[:5]}; train without dropout / stochastic depth, or without CUDA graphs"
         )
+
+
+class GraphedRouting:
+    """``model.route(x)`` (routed inference) as CUDA-graph replays, one host synchronisation per decision.
+
+    Routed inference runs each later expert only on the samples the router sends on. Eagerly, that is one
+    kernel launch per layer per expert on a batch of data-dependent size: for the CIFAR models, launches
+    cost more than the convolutions they skip, and routing is slower than running every expert. Here the
+    cascade runs as recorded graphs on fixed buffers:
+
+    * the trunk, expert 0, its head and decision 0 on the whole batch: one graph;
+    * expert ``i`` (``i >= 1``), its head and decision ``i`` on the first ``b`` samples of the batch put in
+      "still routed first" order, for every bucket size ``b`` (multiples of ``granularity``): one graph per
+      bucket. The host reads how many samples go on (the one synchronisation of a decision), rounds up to a
+      bucket and replays that graph. Padded rows (samples that have stopped) are computed and discarded;
+      in eval mode every layer works per sample, so they do not change the others.
+
+    The result equals ``model.route(x, threshold)`` (up to the convolution algorithms cuDNN picks for each
+    batch size). The graphs of an input shape are all recorded on its first call (after one eager warm-up
+    pass per bucket); they share one memory pool, since their results live in buffers outside it, and
+    a new input shape replaces them.
+
+    Args:
+        model: a RIDE model (:class:`~ride_models.models.RIDEResNet`) in eval mode.
+        threshold: routing threshold (default: the model's ``routing_threshold``).
+        granularity: bucket step in samples (default: an eighth of the batch, at least 1).
+        amp_dtype: autocast dtype for the cascade (``torch.bfloat16``) or None.
+        record: record CUDA graphs (default: on CUDA). ``False`` runs the same bucketed cascade eagerly,
+            which works on any device (and is how the CPU tests check the bookkeeping).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        threshold: Optional[float] = None,
+        granularity: Optional[int] = None,
+        amp_dtype: Optional[torch.dtype] = None,
+        record: Optional[bool] = None,
+    ) -> None:
+        if not hasattr(model, "route") or not hasattr(model, "router"):
+            raise TypeError(f"GraphedRouting needs a RIDE model with a router, got {type(model).__name__}")
+        if model.num_classes <= 0:
+            raise RuntimeError("routed inference needs classifiers; this model has num_classes=0")
+        if granularity is not None and granularity < 1:
+            raise ValueError(f"granularity must be at least 1, got {granularity}")
+        self.model = model
+        self.threshold = model.routing_threshold if threshold is None else float(threshold)
+        self.granularity = granularity
+        self.amp_dtype = amp_dtype
+        self.record = record
+        self._state: Dict[Tuple, _Cascade] = {}
+        self.recordings = 0  # graphs recorded so far
+
+    def __call__(self, x: torch.Tensor) -> RoutedOutput:
+        if self.model.training:
+            raise RuntimeError(
+                "routed inference runs the model in eval mode (batch norm's running statistics); call "
+                "model.eval() first"
+            )
+        record = x.is_cuda if self.record is None else self.record
+        if record and not x.is_cuda:
+            raise RuntimeError("CUDA graphs need a CUDA device; use record=False on this machine")
+        key = (tuple(x.shape), x.dtype, tuple(x.stride()), x.device, record)
+        with torch.inference_mode():
+            cascade = self._state.get(key)
+            if cascade is None:
+                self._state.clear()  # one input shape at a time: free the graphs of the previous one
+                granularity = self.granularity or max(1, x.shape[0] // 8)
+                cascade = _Cascade(self.model, x, self.threshold, granularity, self._autocast(x), record)
+                self._state[key] = cascade
+                self.recordings += cascade.recordings
+            return cascade.run(x)
+
+    def _autocast(self, x: torch.Tensor):
+        if self.amp_dtype is None:
+            return nullcontext
+        # The autocast weight cache would hold casts made during recording: off, as CUDA graphs require.
+        return lambda: torch.autocast(x.device.type, dtype=self.amp_dtype, cache_enabled=False)
+
+
+class _Cascade:
+    """The buffers and graphs of :class:`GraphedRouting` for one input shape."""
+
+    def __init__(self, model, x: torch.Tensor, threshold: float, granularity: int, autocast, record: bool):
+        self.model, self.threshold, self.autocast = model, threshold, autocast
+        self.num_experts = model.num_experts
+        batch = x.shape[0]
+        self.buckets = sorted({min(batch, k * granularity) for k in range(1, -(-batch // granularity) + 1)})
+        self.x = torch.empty_like(x)
+        self.x.copy_(x)
+        with self.autocast():  # one eager pass for the shapes and dtypes of the buffers
+            shared = model.forward_shared(self.x)
+            logits = model.heads[0](model.global_pool(model.experts[0](shared)))
+        self.shared = torch.empty_like(shared)
+        self.running_sum = torch.empty_like(logits)  # [B, C]: sum of the logits of the experts used
+        self.logit_sum = torch.empty_like(logits)
+        self.num_used = torch.empty(batch, dtype=torch.long, device=x.device)
+        self.router_logits = logits.new_empty(batch, self.num_experts - 1)
+        self.active = torch.empty(batch, dtype=torch.bool, device=x.device)
+        self.order = torch.empty(batch, dtype=torch.long, device=x.device)  # routed samples first
+        self.count = torch.empty((), dtype=torch.long, device=x.device)  # how many are routed on
+        self.positions = torch.arange(batch, device=x.device)
+        self.recordings = 0
+        self.first: Callable[[], None] = self._first
+        self.later: Dict[Tuple[int, int], Callable[[], None]] = {
+            (i, b): (lambda i=i, b=b: self._later(i, b))
+            for i in range(1, self.num_experts)
+            for b in self.buckets
+        }
+        if record:
+            self._record_all()
+
+    # The two kinds of step; each reads and writes only the buffers above.
+    def _first(self) -> None:
+        model = self.model
+        with self.autocast():
+            self.shared.copy_(model.forward_shared(self.x))
+            features = model.global_pool(model.experts[0](self.shared))
+            logits = model.heads[0](features)
+            self.running_sum.copy_(logits)
+            self.logit_sum.copy_(logits)
+            self.num_used.fill_(1)
+            self.router_logits.fill_(float("nan"))
+            if self.num_experts > 1:
+                self._decide(0, features, logits, self.positions, None)
+
+    def _later(self, i: int, bucket: int) -> None:
+        model = self.model
+        idx = self.order[:bucket]  # the routed samples, then padding
+        valid = self.positions[:bucket] < self.count  # [b]: rows that are routed samples
+        with self.autocast():
+            features = model.global_pool(model.experts[i](self.shared.index_select(0, idx)))
+            running_sum = self.running_sum.index_select(0, idx) + model.heads[i](features)
+            # Padded rows have stopped: their running sums are never read again, their results are kept.
+            self.running_sum.index_copy_(0, idx, running_sum)
+            kept = self.logit_sum.index_select(0, idx)
+            self.logit_sum.index_copy_(0, idx, torch.where(valid[:, None], running_sum.to(kept.dtype), kept))
+            self.num_used.index_add_(0, idx, valid.long())
+            if i < self.num_experts - 1:
+                self._decide(i, features, running_sum / (i + 1), idx, valid)
+
+    def _decide(
+        self, i: int, features, mean_logits, idx: torch.Tensor, valid: Optional[torch.Tensor]
+    ) -> None:
+        z = self.model.router.decision(i, features, mean_logits).to(self.router_logits.dtype)  # [b]
+        go = torch.sigmoid(z) > self.threshold
+        column = self.router_logits[:, i]
+        if valid is None:  # the first decision sees the whole batch
+            column.copy_(z)
+            self.active.copy_(go)
+        else:
+            column.index_copy_(0, idx, torch.where(valid, z, column.index_select(0, idx)))
+            self.active.zero_()
+            self.active.index_copy_(0, idx, go & valid)
+        # Routed samples first, each group in batch order (as the eager cascade's index lists).
+        self.order.copy_(torch.argsort((~self.active).to(torch.uint8), stable=True))
+        self.count.copy_(self.active.sum())
+
+    def _record_all(self) -> None:
+        steps = [self.first, *self.later.values()]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up: cuDNN picks its algorithms for every bucket size
+            self.count.fill_(self.x.shape[0])
+            self.order.copy_(self.positions)
+            for step in steps:
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        pool = torch.cuda.graph_pool_handle()
+        graphs = []
+        for step in steps:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                step()
+            graphs.append(graph)
+        self.recordings = len(graphs)
+        self.first = graphs[0].replay
+        self.later = {key: graph.replay for key, graph in zip(self.later, graphs[1:])}
+
+    def run(self, x: torch.Tensor) -> RoutedOutput:
+        self.x.copy_(x)
+        self.first()
+        for i in range(1, self.num_experts):
+            n = int(self.count)  # the decision's one host synchronisation
+            if n == 0:
+                break
+            bucket = next(b for b in self.buckets if b >= n)
+            self.later[(i, bucket)]()
+        logits = self.logit_sum / self.num_used.unsqueeze(1).to(self.logit_sum.dtype)
+        return RoutedOutput(logits, self.num_used.clone(), self.router_logits.clone())

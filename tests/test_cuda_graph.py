@@ -126,3 +126,78 @@ def test_training_steps_do_not_wait_on_the_device(loss_name):
         loss_fn.set_epoch(2)
         step = make_step("distill" if teacher is not None else "experts", model, loss_fn, teacher)
     _traces_as_one_graph(step, x, y)
+
+
+# Routed inference from bucketed graphs. An untrained router sends every sample the same way; this one
+# decides per sample from the expert's features and the running mean of the logits (padded rows cannot
+# change another sample's route) and spreads the samples over every possible number of experts.
+def _per_sample_router(model: torch.nn.Module) -> None:
+    model.router.decision = lambda i, features, mean_logits: (
+        10 * torch.sin(100 * (i + 1) * features.float().sum(1)) + mean_logits.float().amax(1)
+    )
+
+
+def _assert_same_routing(got, ref) -> None:
+    assert torch.equal(got.num_experts, ref.num_experts)
+    torch.testing.assert_close(got.logits, ref.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.router_logits, ref.router_logits, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+@pytest.mark.parametrize(
+    "name, size, granularity",
+    [("ride_resnet32_4e", 32, 1), ("ride_resnet32_4e", 32, 5), ("ride_resnet32_4e", 32, None),
+     ("ride_resnet32_4e", 32, 100), ("ride_resnet32_2e", 32, 4), ("ride_resnet50_3e", 64, 6)],
+)  # fmt: skip
+def test_bucketed_routing_equals_the_eager_cascade(name, size, granularity):
+    from ride_models.cuda_graph import GraphedRouting
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=7).eval()
+    _per_sample_router(model)
+    routing = GraphedRouting(model, threshold=0.5, granularity=granularity, record=False)
+    for _ in range(2):  # the second batch reuses the first one's buffers
+        x = torch.randn(37, 3, size, size)
+        with torch.no_grad():
+            ref = model.route(x, threshold=0.5)
+        _assert_same_routing(routing(x), ref)
+    if model.num_experts > 2:
+        assert len(ref.num_experts.unique()) > 2, "the test router should spread samples over the experts"
+
+
+def test_bucketed_routing_errors():
+    from ride_models.cuda_graph import GraphedRouting
+
+    model = timm.create_model("ride_resnet32_2e", num_classes=5)
+    x = torch.randn(4, 3, 32, 32)
+    with pytest.raises(RuntimeError, match="model.eval"):
+        GraphedRouting(model, record=False)(x)
+    with pytest.raises(ValueError, match="granularity"):
+        GraphedRouting(model, granularity=0)
+    with pytest.raises(RuntimeError, match="num_classes=0"):
+        GraphedRouting(timm.create_model("ride_resnet32_2e", num_classes=0))
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="record=False"):
+            GraphedRouting(model.eval(), record=True)(x)
+
+
+@needs_cuda
+@pytest.mark.parametrize("name, size", [("ride_resnet32_4e", 32), ("ride_resnet50_3e", 64)])
+def test_graphed_routing_replays_the_bucketed_cascade(name, size, deterministic_cudnn):
+    # Against the same padded cascade run eagerly on the same GPU: the same kernels on the same shapes, so
+    # any difference is the recording's. (Against model.route, whose batches have other sizes, cuDNN's
+    # kernels differ in the last bits, and this test's router is built to be sensitive to those.)
+    from ride_models.cuda_graph import GraphedRouting
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=7).cuda().eval()
+    _per_sample_router(model)
+    graphed = GraphedRouting(model, threshold=0.5, granularity=8)
+    eager = GraphedRouting(model, threshold=0.5, granularity=8, record=False)
+    for _ in range(3):
+        x = torch.randn(64, 3, size, size, device="cuda")
+        got, ref = graphed(x), eager(x)
+        assert torch.equal(got.num_experts, ref.num_experts)
+        torch.testing.assert_close(got.logits, ref.logits, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(got.router_logits, ref.router_logits, rtol=1e-6, atol=1e-6, equal_nan=True)
+    assert len(ref.num_experts.unique()) > 2
+    assert graphed.recordings == 1 + (model.num_experts - 1) * 8  # the trunk, then 8 buckets per expert
