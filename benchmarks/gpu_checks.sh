@@ -14,8 +14,10 @@
 #   speedrun        the CIFAR-10-LT speed run, the default recipe (bf16, seed 0)
 #   speedrun_seed1  the same with seed 1 (seed-to-seed spread of the accuracy)
 #   speedrun_fp32   the same in float32 (--amp none: what bf16 costs in accuracy)
-#   r32             throughput of ride_resnet32_4e (CUDA graphs, the official code as shipped)
-#   r50             throughput of ride_resnet50_3e and timm's resnet50, with a profile of every case
+#   r32             throughput of ride_resnet32_4e (CUDA graphs for training and routed inference, the
+#                   official code as shipped)
+#   r50             throughput of ride_resnet50_3e and timm's resnet50 (routed inference also from bucketed
+#                   CUDA graphs), with a profile of every case
 #   r50_compile     ride_resnet50_3e under torch.compile, bf16: training, all-experts and routed inference,
 #                   beside the official code and timm's resnet50 (eager); not in the default list: minutes of
 #                   compilation
@@ -63,7 +65,7 @@ for part in $PARTS; do
         ;;
     r50)
         timeout "${THROUGHPUT_S:-200}" python3 benchmarks/throughput.py --device cuda "${official_args[@]}" \
-            --models ride_resnet50_3e --precision fp32 bf16 --seconds 0.3 --repeats 3 --warmup 2 \
+            --models ride_resnet50_3e --cuda-graph --precision fp32 bf16 --seconds 0.3 --repeats 3 --warmup 2 \
             --profile 3 --json "$OUT/throughput_r50.json" 2>&1 | tee "$OUT/throughput_r50.txt"
         ;;
     r50_compile)

@@ -96,7 +96,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import ride_models
-from ride_models.cuda_graph import GraphedTrainStep
+from ride_models.cuda_graph import GraphedRouting, GraphedTrainStep
 from ride_models.data.sampling import long_tail_counts
 from ride_models.engine import make_step
 from ride_models.flops import count_macs
@@ -190,8 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--cuda-graph",
         action="store_true",
-        help="our training steps: add rows with the whole step replayed as a CUDA graph "
-        "(ride_models.cuda_graph.GraphedTrainStep; CUDA only)",
+        help="add rows replayed as CUDA graphs: our CIFAR training steps (the whole step, "
+        "ride_models.cuda_graph.GraphedTrainStep) and our routed inference (bucketed, GraphedRouting); "
+        "CUDA only",
     )
     p.add_argument(
         "--shipped-official",
@@ -680,7 +681,14 @@ class Bench:
         )  # fmt: skip
 
     # ------------------------------------------------------------------------ routed inference
-    def routed_ours(self, spec: ModelSpec, shares: List[float], precision: str, channels_last: bool) -> Case:
+    def routed_ours(
+        self,
+        spec: ModelSpec,
+        shares: List[float],
+        precision: str,
+        channels_last: bool,
+        cuda_graph: bool = False,
+    ) -> Case:
         model = self.place(create_ours(spec, self.args.fused), channels_last).eval()
         x, _ = self.inputs(spec, self.batch_size(spec, "infer"), channels_last)
         router = model.router
@@ -700,10 +708,20 @@ class Bench:
         # Symbolic batch sizes: the graphs after each routing decision serve any number of samples, not
         # only the counts this fixed input happens to send on.
         module = torch.compile(model, dynamic=True) if self.args.compile else model
+        step = self._infer_step(module, x, precision)
+        if cuda_graph:  # the same cascade, each expert replayed from a graph recorded per bucket size
+            graphed = GraphedRouting(
+                model, threshold=0.5, amp_dtype=torch.bfloat16 if precision == "bf16" else None
+            )
+
+            def step() -> Any:
+                return graphed(x)
+
         case = self._routed_case(f"ours {spec.name}", "ours", spec, shares, precision, channels_last,
-                                 self._infer_step(module, x, precision), num_experts)  # fmt: skip
+                                 step, num_experts)  # fmt: skip
         case.fused = fused_state(model)
-        case.compiled = self.args.compile
+        case.compiled = self.args.compile and not cuda_graph  # the graphs replay the eager modules
+        case.cuda_graph = cuda_graph
         return case
 
     def routed_official(
@@ -791,6 +809,8 @@ def build_cases(args: argparse.Namespace, bench: Bench, precisions: List[str]) -
                     )
                     continue
                 cases.append(bench.routed_ours(spec, shares, precision, channels_last))
+                if args.cuda_graph:
+                    cases.append(bench.routed_ours(spec, shares, precision, channels_last, cuda_graph=True))
                 if bench.official is not None:
                     cases.append(bench.routed_official(spec, shares, precision, channels_last))
     measured = {(c.mode, c.spec.name) for c in cases if c.impl == "official" and c.precision == "fp32"
@@ -1013,6 +1033,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         if not torch.cuda.is_available():
             raise SystemExit("--device cuda: no CUDA device is available here")
         torch.backends.cudnn.benchmark = True
+    elif args.cuda_graph:
+        raise SystemExit(f"--cuda-graph needs --device cuda (CUDA graphs), not {device.type}")
     precisions = args.precision or (["fp32", "bf16"] if device.type == "cuda" else ["fp32"])
     info = machine_info(device, args.official_dir)
     print(f"machine: {describe_machine(info)}")

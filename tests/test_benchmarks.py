@@ -56,6 +56,11 @@ def test_throughput_writes_json_rows(throughput, tmp_path):
     assert routed["ratio_vs_all_experts"] is not None
 
 
+def test_throughput_cuda_graph_needs_cuda(throughput):
+    with pytest.raises(SystemExit, match="--cuda-graph needs --device cuda"):
+        throughput.main(["--device", "cpu", "--cuda-graph", "--models", "ride_resnet32_2e"])
+
+
 def test_paper_shares_reproduce_the_paper_routed_cost(throughput):
     # ResNet-32 with 4 experts: 91.9 M MACs routed against 126.9 M for all experts (the paper and the
     # official counter), so the derived shares must give 91.9 / 126.9 of our all-experts count.
