@@ -161,7 +161,8 @@ class GraphedRouting:
     The result equals ``model.route(x, threshold)`` (up to the convolution algorithms cuDNN picks for each
     batch size). The graphs of an input shape are all recorded on its first call (after one eager warm-up
     pass per bucket); they share one memory pool, since their results live in buffers outside it, and
-    a new input shape replaces them.
+    a new input shape replaces them. The graphs read the parameters where they were recorded: load new
+    weights in place (``load_state_dict`` does), or build a new ``GraphedRouting``.
 
     Args:
         model: a RIDE model (:class:`~ride_models.models.RIDEResNet`) in eval mode.
