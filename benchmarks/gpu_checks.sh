@@ -22,8 +22,8 @@
 #   r50             throughput of ride_resnet50_3e and timm's resnet50 (routed inference also from bucketed
 #                   CUDA graphs), with a profile of every case
 #   r50_compile     ride_resnet50_3e under torch.compile, bf16: training, all-experts and routed inference,
-#                   beside the official code and timm's resnet50 (eager); not in the default list: minutes of
-#                   compilation
+#                   beside the official code (eager: it has no such option) and timm's resnet50 (compiled
+#                   too); not in the default list: minutes of compilation
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}

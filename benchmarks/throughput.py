@@ -61,7 +61,8 @@ autocast and no channels-last option), and each of our rows gets a second ratio,
 shipped", against that row of the same mode and batch: what a user gains by switching, our fast path
 (channels-last, bf16, CUDA graphs) included.
 
-Only our models are compiled (``--compile``) and only ours take ``--fused/--no-fused``. Routed inference is
+``--compile`` compiles our models and timm's (which a timm user compiles with ``--torchcompile``), not
+the official ones, which have no such option; only ours take ``--fused/--no-fused``. Routed inference is
 compiled with dynamic shapes (its batch after each routing decision depends on the data; a graph break at
 each decision, where the cascade reads how many samples go on). The official EA models print on every
 forward: that output goes to /dev/null, its cost (and its host syncs) stays in the measurement. The official
@@ -173,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--compile",
         action="store_true",
-        help="torch.compile our models (training, all-experts and routed inference)",
+        help="torch.compile our models (training, all-experts and routed inference) and timm's",
     )
     p.add_argument(
         "--fused",
@@ -628,17 +629,18 @@ class Bench:
             weight_decay=preset.weight_decay,
         )
         x, y = self.inputs(spec, self.batch_size(spec, "train"), channels_last)
+        module = torch.compile(model) if self.args.compile else model  # as timm's --torchcompile
 
         def step() -> None:
             optimizer.zero_grad(set_to_none=True)
             with self.autocast(precision):
-                loss = F.cross_entropy(model(x), y)
+                loss = F.cross_entropy(module(x), y)
             loss.backward()
             optimizer.step()
 
         return self.case(
             f"timm {spec.name}", "timm", spec, "train", precision, channels_last, step,
-            macs_per_image=self.baseline_macs(spec),
+            compiled=self.args.compile, macs_per_image=self.baseline_macs(spec),
         )  # fmt: skip
 
     # ------------------------------------------------------------------------ inference
@@ -674,10 +676,12 @@ class Bench:
 
     def infer_timm(self, spec: ModelSpec, precision: str, channels_last: bool) -> Case:
         model = self.place(timm.create_model(spec.name, num_classes=spec.num_classes), channels_last).eval()
+        module = torch.compile(model) if self.args.compile else model
         x, _ = self.inputs(spec, self.batch_size(spec, "infer"), channels_last)
         return self.case(
             f"timm {spec.name}", "timm", spec, "infer", precision, channels_last,
-            self._infer_step(model, x, precision), macs_per_image=self.baseline_macs(spec),
+            self._infer_step(module, x, precision), compiled=self.args.compile,
+            macs_per_image=self.baseline_macs(spec),
         )  # fmt: skip
 
     # ------------------------------------------------------------------------ routed inference
