@@ -709,10 +709,6 @@ class Bench:
             model.set_routing("router", 0.5)
         with torch.inference_mode(), self.autocast(precision):
             num_experts = model.route(x).num_experts
-        # Symbolic batch sizes: the graphs after each routing decision serve any number of samples, not
-        # only the counts this fixed input happens to send on.
-        module = torch.compile(model, dynamic=True) if self.args.compile else model
-        step = self._infer_step(module, x, precision)
         if cuda_graph:  # the same cascade, each expert replayed from a graph recorded per bucket size
             graphed = GraphedRouting(
                 model, threshold=0.5, amp_dtype=torch.bfloat16 if precision == "bf16" else None
@@ -721,6 +717,11 @@ class Bench:
             def step() -> Any:
                 return graphed(x)
 
+        else:
+            # Symbolic batch sizes: the graphs after each routing decision serve any number of samples,
+            # not only the counts this fixed input happens to send on.
+            module = torch.compile(model, dynamic=True) if self.args.compile else model
+            step = self._infer_step(module, x, precision)
         case = self._routed_case(f"ours {spec.name}", "ours", spec, shares, precision, channels_last,
                                  step, num_experts)  # fmt: skip
         case.fused = fused_state(model)

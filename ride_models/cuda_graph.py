@@ -230,8 +230,7 @@ class _Cascade:
         self.num_experts = model.num_experts
         batch = x.shape[0]
         self.buckets = sorted({min(batch, k * granularity) for k in range(1, -(-batch // granularity) + 1)})
-        self.x = torch.empty_like(x)
-        self.x.copy_(x)
+        self.x = x.clone()  # the input buffer (clone keeps the memory format)
         with self.autocast():  # one eager pass for the shapes and dtypes of the buffers
             shared = model.forward_shared(self.x)
             logits = model.heads[0](model.global_pool(model.experts[0](shared)))
