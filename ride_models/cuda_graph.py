@@ -81,10 +81,7 @@ class GraphedTrainStep:
         self.recordings = 0  # graphs recorded so far (a count for logs and tests)
 
     def _autocast(self, device: torch.device):
-        if self.amp_dtype is None:
-            return nullcontext()
-        # The autocast weight cache would hold casts made during recording: off, as CUDA graphs require.
-        return torch.autocast(device.type, dtype=self.amp_dtype, cache_enabled=False)
+        return _recordable_autocast(device.type, self.amp_dtype)
 
     def _eager(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with self._autocast(x.device):
@@ -128,6 +125,14 @@ class GraphedTrainStep:
             self.optimizer.step()
         self.recordings += 1
         return graph, static_x, static_y, static_loss.detach()
+
+
+def _recordable_autocast(device_type: str, dtype: Optional[torch.dtype]):
+    """Autocast to ``dtype`` (or nothing for None) in a form a CUDA graph can record."""
+    if dtype is None:
+        return nullcontext()
+    # The autocast weight cache would hold casts made during recording: off, as CUDA graphs require.
+    return torch.autocast(device_type, dtype=dtype, cache_enabled=False)
 
 
 def _check_no_randomness(model: nn.Module) -> None:
@@ -216,10 +221,7 @@ class GraphedRouting:
             return cascade.run(x)
 
     def _autocast(self, x: torch.Tensor):
-        if self.amp_dtype is None:
-            return nullcontext
-        # The autocast weight cache would hold casts made during recording: off, as CUDA graphs require.
-        return lambda: torch.autocast(x.device.type, dtype=self.amp_dtype, cache_enabled=False)
+        return lambda: _recordable_autocast(x.device.type, self.amp_dtype)
 
 
 class _Cascade:
