@@ -235,7 +235,8 @@ class _Cascade:
         self.x = x.clone()  # the input buffer (clone keeps the memory format)
         with self.autocast():  # one eager pass for the shapes and dtypes of the buffers
             shared = model.forward_shared(self.x)
-            logits = model.heads[0](model.global_pool(model.experts[0](shared)))
+            self.fold = model._fold_experts(shared, self.num_experts)  # batch norm folded, as model.route
+            logits = model.heads[0](model.global_pool(model._run_expert(0, shared, self.fold)))
         self.shared = torch.empty_like(shared)
         self.running_sum = torch.empty_like(logits)  # [B, C]: sum of the logits of the experts used
         self.logit_sum = torch.empty_like(logits)
@@ -260,7 +261,7 @@ class _Cascade:
         model = self.model
         with self.autocast():
             self.shared.copy_(model.forward_shared(self.x))
-            features = model.global_pool(model.experts[0](self.shared))
+            features = model.global_pool(model._run_expert(0, self.shared, self.fold))
             logits = model.heads[0](features)
             self.running_sum.copy_(logits)
             self.logit_sum.copy_(logits)
@@ -274,7 +275,7 @@ class _Cascade:
         idx = self.order[:bucket]  # the routed samples, then padding
         valid = self.positions[:bucket] < self.count  # [b]: rows that are routed samples
         with self.autocast():
-            features = model.global_pool(model.experts[i](self.shared.index_select(0, idx)))
+            features = model.global_pool(model._run_expert(i, self.shared.index_select(0, idx), self.fold))
             running_sum = self.running_sum.index_select(0, idx) + model.heads[i](features)
             # Padded rows have stopped: their running sums are never read again, their results are kept.
             self.running_sum.index_copy_(0, idx, running_sum)

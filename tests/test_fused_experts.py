@@ -118,3 +118,90 @@ def test_the_default_fuses_where_it_was_measured_faster():
     assert not model._use_fused(maps.contiguous(memory_format=torch.channels_last))
     model.set_fused_experts(False)
     assert model.fused_experts is False
+
+
+# ------------------------------------------------------------------ batch norm folded in eval mode
+def _fold_pair(name: str, fused, dtype=torch.float64):
+    """A model with non-trivial running statistics and its copy that does not fold."""
+    torch.manual_seed(0)
+    folded = timm.create_model(name, num_classes=7, fused_experts=fused).to(dtype)
+    with torch.no_grad():
+        folded.train()(torch.randn(4, *FAMILIES[name], dtype=dtype))  # running statistics move
+    plain = copy.deepcopy(folded)
+    plain.fold_bn = False
+    return folded.eval(), plain.eval()
+
+
+@pytest.mark.parametrize("fused", [None, False])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_folded_inference_equals_the_modules(name, fused):
+    # float64: folding only changes the rounding (1e-15 here), far below these tolerances.
+    folded, plain = _fold_pair(name, fused)
+    x = torch.randn(6, *FAMILIES[name], dtype=torch.float64)
+    close = dict(rtol=1e-9, atol=1e-9)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), plain(x), **close)
+        torch.testing.assert_close(folded.forward_shared(x), plain.forward_shared(x), **close)
+        torch.testing.assert_close(folded.forward_experts(x, 2), plain.forward_experts(x, 2), **close)
+        final, levels = folded.forward_intermediates(x)
+        final_plain, levels_plain = plain.forward_intermediates(x)
+        torch.testing.assert_close(final, final_plain, **close)
+        for a, b in zip(levels, levels_plain):
+            torch.testing.assert_close(a, b, **close)
+        torch.testing.assert_close(final, folded.forward_features(x), **close)
+        # A threshold at the median of the first decision: half the samples go on, half stop there.
+        threshold = torch.sigmoid(folded.route(x, threshold=2.0).router_logits[:, 0]).median().item()
+        a, b = folded.route(x, threshold=threshold), plain.route(x, threshold=threshold)
+    torch.testing.assert_close(a.logits, b.logits, **close)
+    torch.testing.assert_close(a.router_logits, b.router_logits, equal_nan=True, **close)
+    assert torch.equal(a.num_experts, b.num_experts)
+    assert 1 < a.num_experts.float().mean() < folded.num_experts  # the cascade both stopped and went on
+
+
+def test_folded_float32_is_within_rounding_of_the_modules():
+    folded, plain = _fold_pair("ride_resnet50_2e", False, torch.float32)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), plain(x), rtol=1e-4, atol=1e-4)
+
+
+def _batch_norm_calls(model, x) -> int:
+    calls = []
+    original = torch.nn.functional.batch_norm
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    torch.nn.functional.batch_norm = counting
+    try:
+        with torch.no_grad():
+            model(x)
+            if not model.training:
+                model.route(x)
+    finally:
+        torch.nn.functional.batch_norm = original
+    return len(calls)
+
+
+@pytest.mark.parametrize("fused", [None, True, False])
+def test_eval_runs_no_batch_norm_unless_told_not_to_fold(fused):
+    folded, plain = _fold_pair("ride_resnet50_2e", fused, torch.float32)
+    x = torch.randn(2, 3, 64, 64)
+    assert _batch_norm_calls(folded, x) == 0  # every batch norm folded: trunk, experts, routed cascade
+    assert _batch_norm_calls(plain, x) > 0
+    assert _batch_norm_calls(folded.train(), x) > 0  # training normalises with the batch's statistics
+
+
+def test_hooks_in_the_trunk_or_an_expert_run_the_modules():
+    model = timm.create_model("ride_resnet50_2e", num_classes=7).eval()
+    x = torch.randn(1, 3, 64, 64)
+    calls = []
+    handle = model.layer1[0].bn2.register_forward_hook(lambda *a: calls.append("trunk"))
+    model.experts[1].layer4[2].conv3.register_forward_hook(lambda *a: calls.append("expert"))
+    with torch.no_grad():
+        model(x)
+        assert calls == ["trunk", "expert"]
+        handle.remove()
+        model.route(x, threshold=0.0)  # every sample goes on to expert 1
+    assert calls == ["trunk", "expert", "expert"]

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import nn
 
-__all__ = ["can_fuse", "fused_expert_stages", "fusing_pays"]
+__all__ = ["can_fuse", "folded_blocks", "folded_conv_bn", "fused_expert_stages", "fusing_pays"]
 
 
 def fusing_pays(
@@ -85,14 +85,19 @@ def _conv(
     them into the stacked weights and bias (``_conv_bn`` in eval mode).
     """
     first = convs[0]
-    weight = torch.cat([c.weight for c in convs], dim=0)  # [E * out, in / groups, k, k]
+    weight = _cat([c.weight for c in convs])  # [E * out, in / groups, k, k]
     groups = first.groups if shared_input else first.groups * len(convs)
-    bias = None if first.bias is None else torch.cat([c.bias for c in convs])
+    bias = None if first.bias is None else _cat([c.bias for c in convs])
     if scale is not None and shift is not None:
         bias = shift if bias is None else shift + bias * scale
         weight = weight * scale.to(weight.dtype).view(-1, 1, 1, 1)
         bias = bias.to(weight.dtype)
     return F.conv2d(x, weight, bias, first.stride, first.padding, first.dilation, groups)
+
+
+def _cat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat`` along dim 0, without the copy for a single tensor (one path: no stacking needed)."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(list(tensors))
 
 
 def _batch_norm(x: torch.Tensor, bns: Sequence[nn.BatchNorm2d]) -> torch.Tensor:
@@ -120,10 +125,8 @@ def _conv_bn(
     maps instead of two, equal to the two-step computation up to float rounding."""
     if bns[0].training:
         return _batch_norm(_conv(x, convs, shared_input), bns)
-    scale = torch.cat([b.weight for b in bns]) * torch.rsqrt(
-        torch.cat([b.running_var for b in bns]) + bns[0].eps
-    )
-    shift = torch.cat([b.bias for b in bns]) - torch.cat([b.running_mean for b in bns]) * scale
+    scale = _cat([b.weight for b in bns]) * torch.rsqrt(_cat([b.running_var for b in bns]) + bns[0].eps)
+    shift = _cat([b.bias for b in bns]) - _cat([b.running_mean for b in bns]) * scale
     return _conv(x, convs, shared_input, scale, shift)
 
 
@@ -185,4 +188,22 @@ def fused_expert_stages(
             shared_input = False
     if shared_input:  # no block ran (pruned stages): every expert passes the shared map on unchanged
         x = x.repeat(1, len(experts), 1, 1)
+    return x
+
+
+def folded_conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor:
+    """``bn(conv(x))``; in eval mode as one convolution, the batch norm folded into its weights and bias."""
+    return _conv_bn(x, [conv], [bn], shared_input=False)
+
+
+def folded_blocks(x: torch.Tensor, stages: Sequence[nn.Module]) -> torch.Tensor:
+    """The blocks of ``stages`` (``nn.Sequential`` s of ``BasicBlock`` / ``Bottleneck``) on one path.
+
+    The computation of the blocks' own ``forward``, with every convolution and its batch norm as
+    :func:`folded_conv_bn`: in eval mode, one pass over the maps instead of two. The caller checks that
+    the blocks can run this way (:func:`can_fuse`: no hooks inside, standard batch norms).
+    """
+    for stage in stages:
+        for block in stage:
+            x = _block(x, [block], shared_input=False)
     return x

@@ -49,7 +49,13 @@ from timm.models import (
 from torch import nn
 
 from ride_models.data.transforms import CIFAR_MEAN, CIFAR_STD
-from ride_models.models.fused_experts import can_fuse, fused_expert_stages, fusing_pays
+from ride_models.models.fused_experts import (
+    can_fuse,
+    folded_blocks,
+    folded_conv_bn,
+    fused_expert_stages,
+    fusing_pays,
+)
 from ride_models.router import ExpertRouter
 
 __all__ = [
@@ -329,6 +335,9 @@ class RIDEResNet(nn.Module):
             concatenated channels (``ride_models.models.fused_experts``); False runs the experts one by one;
             None (the default) picks per call where measurements showed the fused pass faster. The same
             outputs and the same state dict either way; see :meth:`set_fused_experts`.
+        fold_bn: In eval mode, fold each batch norm into the convolution before it (computed in every
+            forward from the current weights and statistics: one pass over the maps instead of two). The
+            same outputs up to float rounding; modules with hooks inside run unfolded, so hooks fire.
     """
 
     __jit_unused_properties__ = ["routing"]
@@ -353,6 +362,7 @@ class RIDEResNet(nn.Module):
         drop_path_rate: float = 0.0,
         global_pool: str = "avg",
         fused_experts: Optional[bool] = None,
+        fold_bn: bool = True,
     ) -> None:
         super().__init__()
         if len(layers) not in (3, 4) or len(planes) != len(layers):
@@ -373,6 +383,7 @@ class RIDEResNet(nn.Module):
         self.router_top_k = router_top_k
         self.grad_checkpointing = False
         self.fused_experts = fused_experts
+        self.fold_bn = fold_bn
         self.expert_training = False
         self.router_training = False
         # Routing mode: "auto" follows the router's trained flag; "k" runs the first `_routing_k` experts.
@@ -619,6 +630,8 @@ class RIDEResNet(nn.Module):
     # ------------------------------------------------------------------------------------------ forward
     def forward_shared(self, x: torch.Tensor) -> torch.Tensor:
         """The shared trunk: stem and shared stages. ``[B, in_chans, H, W]`` -> ``[B, C_s, H', W']``."""
+        if not torch.jit.is_scripting() and self._fold_trunk(x):
+            return self._folded_shared(x)
         x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
         if self.grad_checkpointing and not torch.jit.is_scripting():
             x = checkpoint_seq(self.layer1, x)
@@ -636,6 +649,8 @@ class RIDEResNet(nn.Module):
         if not torch.jit.is_scripting() and not self.grad_checkpointing:
             if self._use_fused(shared):
                 return self._fused_maps(shared, num_experts)
+            if self._fold_experts(shared, num_experts):
+                return torch.cat([self._run_expert(i, shared, True) for i in range(num_experts)], dim=1)
         maps: List[torch.Tensor] = []
         for i, expert in enumerate(self.experts):
             if i < num_experts:
@@ -654,6 +669,41 @@ class RIDEResNet(nn.Module):
             channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
             enabled = fusing_pays(list(self.experts), x.device.type, self.training, channels_last)
         return enabled and can_fuse(list(self.experts), self.training)
+
+    def _can_fold(self, x: torch.Tensor, modules: List[nn.Module]) -> bool:
+        """Whether ``modules`` can run with batch norm folded into the convolutions on this input: eval mode,
+        ``fold_bn`` on, no FX tracing, and ``can_fuse``'s conditions (no hooks inside: a hook must fire)."""
+        if self.training or not self.fold_bn or self.grad_checkpointing or isinstance(x, torch.fx.Proxy):
+            return False
+        return can_fuse(modules, training=False)
+
+    @torch.jit.unused
+    def _fold_trunk(self, x: torch.Tensor) -> bool:
+        stages = [self.layer1] if self.layer2 is None else [self.layer1, self.layer2]
+        return self._can_fold(x, [self.conv1, self.bn1, self.act1, self.maxpool, *stages])
+
+    @torch.jit.unused
+    def _fold_experts(self, x: torch.Tensor, num_experts: int) -> bool:
+        return self._can_fold(x, list(self.experts)[:num_experts])
+
+    @torch.jit.unused
+    def _folded_shared(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.act1(self._folded_stem_conv(x)))
+        return folded_blocks(x, [self.layer1] if self.layer2 is None else [self.layer1, self.layer2])
+
+    @torch.jit.unused
+    def _folded_stem_conv(self, x: torch.Tensor) -> torch.Tensor:
+        return folded_conv_bn(x, self.conv1, self.bn1)
+
+    @torch.jit.unused
+    def _folded_stage(self, x: torch.Tensor, stage: nn.Module) -> torch.Tensor:
+        return folded_blocks(x, [stage])
+
+    @torch.jit.unused
+    def _run_expert(self, i: int, x: torch.Tensor, fold: bool) -> torch.Tensor:
+        """Expert i's stages on ``x`` (its input maps): as modules, or with batch norm folded (``fold``)."""
+        expert = self.experts[i]
+        return folded_blocks(x, list(expert.children())) if fold else expert(x)
 
     @torch.jit.unused
     def _fused_maps(self, shared: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -728,9 +778,10 @@ class RIDEResNet(nn.Module):
             raise RuntimeError("routed inference needs classifiers; this model has num_classes=0")
         threshold = self.routing_threshold if threshold is None else threshold
         shared = self.forward_shared(x)
+        fold = self._fold_experts(shared, self.num_experts)
         batch = shared.shape[0]
         active = torch.arange(batch, device=shared.device)  # indices of the samples still routed on
-        features = self.global_pool(self.experts[0](shared))  # [n_active, D]
+        features = self.global_pool(self._run_expert(0, shared, fold))  # [n_active, D]
         running_sum = self.heads[0](features)  # [n_active, C], sum of the logits of the experts used so far
         logit_sum = running_sum.clone()  # [B, C]
         num_experts = torch.ones(batch, dtype=torch.long, device=shared.device)
@@ -743,7 +794,7 @@ class RIDEResNet(nn.Module):
             if keep.numel() == 0:
                 break
             active = active.index_select(0, keep)
-            features = self.global_pool(self.experts[i](shared.index_select(0, active)))
+            features = self.global_pool(self._run_expert(i, shared.index_select(0, active), fold))
             running_sum = running_sum.index_select(0, keep) + self.heads[i](features)
             logit_sum[active] = running_sum
             num_experts[active] += 1
@@ -807,7 +858,12 @@ class RIDEResNet(nn.Module):
             raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
         take, max_index = _take_indices(len(self.feature_info), indices)
         intermediates = []
-        x = self.act1(self.bn1(self.conv1(x)))
+        # The same computation as forward_features: batch norm folded where that runs folded.
+        fold = not torch.jit.is_scripting() and self._fold_trunk(x)
+        if fold:
+            x = self.act1(self._folded_stem_conv(x))
+        else:
+            x = self.act1(self.bn1(self.conv1(x)))
         if 0 in take:
             intermediates.append(x)
         x = self.maxpool(x)
@@ -817,10 +873,11 @@ class RIDEResNet(nn.Module):
             level += 1
             if stop_early and level > max_index:
                 break
-            x = stage(x)
+            x = self._folded_stage(x, stage) if fold else stage(x)
             if level in take:
                 intermediates.append(x)
         fused = not torch.jit.is_scripting() and self._use_fused(x)
+        fold = not torch.jit.is_scripting() and self._fold_experts(x, self.num_experts)
         stage_names = [name for name, _ in self.experts[0].named_children()]
         maps = [x] * self.num_experts
         for j, name in enumerate(stage_names):
@@ -830,7 +887,10 @@ class RIDEResNet(nn.Module):
             if fused:
                 x = self._fused_stage(x, name, shared_input=j == 0)
             else:
-                maps = [expert[j](m) for expert, m in zip(self.experts, maps)]
+                maps = [
+                    self._folded_stage(m, expert[j]) if fold else expert[j](m)
+                    for expert, m in zip(self.experts, maps)
+                ]
                 x = torch.cat(maps, dim=1)
             if level in take:
                 intermediates.append(x)
