@@ -122,7 +122,7 @@ OFFICIAL = {
 BASELINE = "resnet50"
 ROW_KEYS = (
     "label", "impl", "model", "family", "num_experts", "mode", "routing", "route_shares", "batch",
-    "precision", "channels_last", "compiled", "fused", "cuda_graph", "images_per_s", "ms_per_iter",
+    "precision", "channels_last", "compiled", "fused", "fold_bn", "cuda_graph", "images_per_s", "ms_per_iter",
     "images_per_s_rounds", "iters_per_round", "macs_per_image", "experts_per_image", "realized_shares",
     "profile", "ratio_vs_official", "ratio_vs_official_shipped", "ratio_vs_all_experts", "ratio_vs_resnet50",
     "device",
@@ -187,6 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="our models: a row with the experts fused, one with them run one by one (their modules called) "
         "and one with the library's choice (auto)",
+    )
+    p.add_argument(
+        "--unfolded",
+        action="store_true",
+        help="our inference and routed rows: also a row with batch norm not folded into the convolutions "
+        "(fold_bn=False: the modules' own computation), to show what folding gives",
     )
     p.add_argument(
         "--cuda-graph",
@@ -268,8 +274,8 @@ def class_counts(spec: ModelSpec) -> List[int]:
     return long_tail_counts(spec.num_classes, 1280.0, 256)  # ImageNet-LT's range, exponential profile
 
 
-def create_ours(spec: ModelSpec, fused: Optional[bool]) -> nn.Module:
-    model = timm.create_model(spec.name, num_classes=spec.num_classes)
+def create_ours(spec: ModelSpec, fused: Optional[bool], fold_bn: bool = True) -> nn.Module:
+    model = timm.create_model(spec.name, num_classes=spec.num_classes, fold_bn=fold_bn)
     if fused is not None:
         model.set_fused_experts(fused)
     return model
@@ -485,6 +491,7 @@ class Case:
     step: Callable[[], Any]
     compiled: bool = False
     fused: Optional[bool] = None
+    fold_bn: Optional[bool] = None  # our inference: batch norm folded into the convolutions
     cuda_graph: bool = False
     routing: str = ""
     route_shares: Optional[List[float]] = None
@@ -652,16 +659,17 @@ class Bench:
         return step
 
     def infer_ours(
-        self, spec: ModelSpec, precision: str, channels_last: bool, fused: Optional[bool] = None
-    ) -> Case:
-        model = self.place(create_ours(spec, fused), channels_last).eval()
+        self, spec: ModelSpec, precision: str, channels_last: bool, fused: Optional[bool] = None,
+        fold_bn: bool = True,
+    ) -> Case:  # fmt: skip
+        model = self.place(create_ours(spec, fused, fold_bn), channels_last).eval()
         model.set_routing("all")
         module = torch.compile(model) if self.args.compile else model
         x, _ = self.inputs(spec, self.batch_size(spec, "infer"), channels_last)
         return self.case(
             f"ours {spec.name}", "ours", spec, "infer", precision, channels_last,
             self._infer_step(module, x, precision), compiled=self.args.compile, fused=fused_state(model),
-            routing="all", macs_per_image=float(self.breakdown(spec).all_experts),
+            fold_bn=fold_bn, routing="all", macs_per_image=float(self.breakdown(spec).all_experts),
             experts_per_image=float(spec.num_experts),
         )  # fmt: skip
 
@@ -692,8 +700,9 @@ class Bench:
         precision: str,
         channels_last: bool,
         cuda_graph: bool = False,
+        fold_bn: bool = True,
     ) -> Case:
-        model = self.place(create_ours(spec, self.args.fused), channels_last).eval()
+        model = self.place(create_ours(spec, self.args.fused, fold_bn), channels_last).eval()
         x, _ = self.inputs(spec, self.batch_size(spec, "infer"), channels_last)
         router = model.router
         if precision != "fp32":
@@ -725,6 +734,7 @@ class Bench:
         case = self._routed_case(f"ours {spec.name}", "ours", spec, shares, precision, channels_last,
                                  step, num_experts)  # fmt: skip
         case.fused = fused_state(model)
+        case.fold_bn = fold_bn
         case.compiled = self.args.compile and not cuda_graph  # the graphs replay the eager modules
         case.cuda_graph = cuda_graph
         return case
@@ -784,6 +794,10 @@ def build_cases(args: argparse.Namespace, bench: Bench, precisions: List[str]) -
                 if spec.impl == "ours":
                     for fused in [True, False, None] if args.fused_both else [args.fused]:
                         cases.append(getattr(bench, f"{mode}_ours")(spec, precision, channels_last, fused))
+                        if mode == "infer" and args.unfolded:
+                            cases.append(
+                                bench.infer_ours(spec, precision, channels_last, fused, fold_bn=False)
+                            )
                         # CUDA graphs pay where launches dominate (CIFAR models); a graph also keeps its
                         # activations in a pool of its own, tens of GB for an ImageNet model at batch 256.
                         if mode == "train" and args.cuda_graph and spec.cifar:
@@ -814,6 +828,8 @@ def build_cases(args: argparse.Namespace, bench: Bench, precisions: List[str]) -
                     )
                     continue
                 cases.append(bench.routed_ours(spec, shares, precision, channels_last))
+                if args.unfolded:
+                    cases.append(bench.routed_ours(spec, shares, precision, channels_last, fold_bn=False))
                 if args.cuda_graph:
                     cases.append(bench.routed_ours(spec, shares, precision, channels_last, cuda_graph=True))
                 if bench.official is not None:
@@ -907,6 +923,7 @@ def _row(case: Case, device: torch.device) -> Dict[str, Any]:
         channels_last=case.channels_last,
         compiled=case.compiled,
         fused=case.fused,
+        fold_bn=case.fold_bn,
         cuda_graph=case.cuda_graph,
         images_per_s=ips,
         ms_per_iter=1000.0 * case.batch / ips if ips else float("nan"),
@@ -932,7 +949,9 @@ def add_ratios(rows: List[Dict[str, Any]], baseline: str) -> None:
 
     by_impl: Dict[str, Dict[tuple, Dict[str, Any]]] = {}
     for row in rows:
-        by_impl.setdefault(row["impl"], {})[key(row)] = row
+        # Our rows also by fold_bn: a routed row is compared with all experts computed the same way.
+        impl = row["impl"] if row["impl"] != "ours" else f"ours, fold_bn {row['fold_bn']}"
+        by_impl.setdefault(impl, {})[key(row)] = row
     for row in rows:
         ips = row["images_per_s"]
         if row["impl"] == "ours":
@@ -945,9 +964,9 @@ def add_ratios(rows: List[Dict[str, Any]], baseline: str) -> None:
             if shipped:
                 row["ratio_vs_official_shipped"] = ips / shipped["images_per_s"]
         if row["mode"] == "routed":
-            same = by_impl.get(row["impl"].replace(" EA", ""), {}).get(
-                key(row, mode="infer", route_shares=None)
-            )
+            impl = row["impl"].replace(" EA", "")
+            impl = impl if impl != "ours" else f"ours, fold_bn {row['fold_bn']}"
+            same = by_impl.get(impl, {}).get(key(row, mode="infer", route_shares=None))
             if same:
                 row["ratio_vs_all_experts"] = ips / same["images_per_s"]
         if row["model"] != baseline and row["family"] not in (None, "resnet32"):
@@ -973,6 +992,7 @@ def markdown_table(rows: List[Dict[str, Any]]) -> str:
     for r in rows:
         notes = ["compiled"] if r["compiled"] else []
         notes += [FUSED[r["fused"]]] if r["impl"] == "ours" else []
+        notes += ["BN not folded"] if r["fold_bn"] is False else []
         notes += ["CUDA graph"] if r["cuda_graph"] else []
         label = r["label"] + (f" ({', '.join(notes)})" if notes else "")
         routing = r["routing"]

@@ -175,3 +175,14 @@ def test_speedrun_epoch_trains_through_the_engine_loop(speedrun):
     assert isinstance(loss, float) and loss > 0
     changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
     assert any(k.startswith("experts.1.") for k in changed) and "conv1.weight" in changed
+
+
+def test_unfolded_rows_compare_routing_with_all_experts_computed_alike(throughput, tmp_path):
+    argv = ["--device", "cpu", "--models", "ride_resnet32_2e", "--modes", "infer", "routed", "--unfolded"]
+    argv += ["--batch-size", "4", "--warmup", "1", "--iters", "1", "--repeats", "1", "--route-shares", "0.5"]
+    rows = throughput.main(argv + ["--json", str(tmp_path / "t.json")])["rows"]
+    ours = {(r["mode"], r["fold_bn"]): r for r in rows if r["impl"] == "ours"}
+    assert set(ours) == {("infer", True), ("infer", False), ("routed", True), ("routed", False)}
+    for fold in (True, False):
+        routed, infer = ours[("routed", fold)], ours[("infer", fold)]
+        assert routed["ratio_vs_all_experts"] == pytest.approx(routed["images_per_s"] / infer["images_per_s"])
