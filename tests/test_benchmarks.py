@@ -186,3 +186,36 @@ def test_unfolded_rows_compare_routing_with_all_experts_computed_alike(throughpu
     for fold in (True, False):
         routed, infer = ours[("routed", fold)], ours[("infer", fold)]
         assert routed["ratio_vs_all_experts"] == pytest.approx(routed["images_per_s"] / infer["images_per_s"])
+
+
+# --------------------------------------------------------------------------- training parity check
+@pytest.fixture(scope="module")
+def parity():
+    spec = importlib.util.spec_from_file_location(
+        "benchmarks_official_parity", ROOT / "benchmarks" / "official_parity.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+def test_parity_check_needs_the_official_code(parity, tmp_path):
+    with pytest.raises(SystemExit, match="no model/model.py"):
+        parity.main(["--official-dir", str(tmp_path)])
+
+
+def test_parity_check_rounds_the_margin_products_as_the_official_code(parity):
+    import torch
+
+    from ride_models.losses import create_loss
+
+    loss = create_loss("ldam_diversity", [5000, 997, 50], drw_epoch=160)
+    margins32 = loss.base.margins.float().clone()
+    parity.round_margins_as_official(loss)
+    products = loss.base.s * loss.base.margins  # what our LDAM subtracts, in float64
+    assert torch.equal(products.float().double(), products)  # float32 values ...
+    assert torch.equal(products.float(), margins32 * loss.base.s)  # ... the official float32 products
