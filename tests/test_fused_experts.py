@@ -205,3 +205,65 @@ def test_hooks_in_the_trunk_or_an_expert_run_the_modules():
         handle.remove()
         model.route(x, threshold=0.0)  # every sample goes on to expert 1
     assert calls == ["trunk", "expert", "expert"]
+
+
+def _assert_folded_matches(folded, plain, x):
+    tol = 1e-9 if x.dtype == torch.float64 else 1e-4  # float rounding only
+    with torch.no_grad():
+        plain.load_state_dict(folded.state_dict())
+        torch.testing.assert_close(folded(x), plain(x), rtol=tol, atol=tol)
+        a, b = folded.route(x, threshold=0.0), plain.route(x, threshold=0.0)
+    torch.testing.assert_close(a.logits, b.logits, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("fused", [None, True])
+def test_kept_folded_weights_follow_every_change_of_the_model(fused):
+    # Without gradients the folded weights are kept between forwards; every way a model changes must
+    # reach them: in place, by a training step (parameters and running statistics), by loading weights,
+    # by a dtype conversion (new tensors), and under inference_mode.
+    folded, plain = _fold_pair("ride_resnet32_4e", fused)
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    _assert_folded_matches(folded, plain, x)  # fills the kept weights
+    with torch.no_grad():
+        folded.experts[1].layer3[2].conv1.weight.mul_(1.5)
+        folded.layer1[0].bn2.running_var.mul_(2.0)
+    _assert_folded_matches(folded, plain, x)
+
+    optimizer = torch.optim.SGD(folded.parameters(), lr=0.1)
+    folded.train().set_expert_training(True)
+    folded(x).expert_logits.sum().backward()
+    optimizer.step()
+    folded.eval()
+    _assert_folded_matches(folded, plain, x)
+
+    other = timm.create_model("ride_resnet32_4e", num_classes=7).double()
+    folded.load_state_dict(other.state_dict())
+    _assert_folded_matches(folded, plain, x)
+
+    folded.float(), plain.float()
+    _assert_folded_matches(folded, plain, x.float())
+    with torch.no_grad():
+        folded.layer1[0].bn1.running_mean.add_(0.1)  # the next forward folds anew ...
+    with torch.inference_mode():
+        first = folded(x.float())  # ... under inference_mode
+    x.requires_grad_(True)  # input gradients (saliency) after the weights were kept under inference_mode
+    for p in folded.parameters():
+        p.requires_grad_(False)
+    saliency = torch.autograd.grad(folded(x.float()).sum(), x)[0]
+    assert saliency.abs().sum() > 0
+    torch.testing.assert_close(folded(x.float()), first)
+
+
+def test_eval_mode_gradients_reach_the_weights_and_batch_norms():
+    # With gradients recorded (eval-mode fine-tuning, saliency), the fold is part of the autograd graph.
+    folded, plain = _fold_pair("ride_resnet50_2e", False)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    for model in (folded, plain):
+        model(x).sum().backward()
+    plain_params = dict(plain.named_parameters())
+    checked = 0
+    for name, p in folded.named_parameters():
+        if p.grad is not None or plain_params[name].grad is not None:
+            torch.testing.assert_close(p.grad, plain_params[name].grad, rtol=1e-8, atol=1e-10, msg=name)
+            checked += "bn" in name or "conv" in name
+    assert checked > 100

@@ -16,7 +16,8 @@ gradient lands in its own parameters). Batch norm's running statistics are updat
 copies and written back to each expert's buffers in the same step.
 """
 
-from typing import Optional, Sequence
+import weakref
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -76,23 +77,71 @@ def _conv(
     x: torch.Tensor,
     convs: Sequence[nn.Conv2d],
     shared_input: bool,
-    scale: Optional[torch.Tensor] = None,
-    shift: Optional[torch.Tensor] = None,
+    folded: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> torch.Tensor:
     """Expert e's ``convs[e]`` on its channel block of ``x`` (or all on ``x`` when it is shared).
 
-    With ``scale`` and ``shift`` (``[E * out]``), the output channels are scaled and shifted by folding
-    them into the stacked weights and bias (``_conv_bn`` in eval mode).
+    ``folded``: the stacked weights and bias to use instead of the convolutions' own (``_conv_bn`` in eval
+    mode: batch norm folded in).
     """
     first = convs[0]
-    weight = _cat([c.weight for c in convs])  # [E * out, in / groups, k, k]
     groups = first.groups if shared_input else first.groups * len(convs)
-    bias = None if first.bias is None else _cat([c.bias for c in convs])
-    if scale is not None and shift is not None:
-        bias = shift if bias is None else shift + bias * scale
-        weight = weight * scale.to(weight.dtype).view(-1, 1, 1, 1)
-        bias = bias.to(weight.dtype)
+    if folded is not None:
+        weight, bias = folded
+    else:
+        weight = _cat([c.weight for c in convs])  # [E * out, in / groups, k, k]
+        bias = None if first.bias is None else _cat([c.bias for c in convs])
     return F.conv2d(x, weight, bias, first.stride, first.padding, first.dilation, groups)
+
+
+def _fold(convs: Sequence[nn.Conv2d], bns: Sequence[nn.BatchNorm2d]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The stacked convolution weights and bias with each expert's eval-mode batch norm folded in:
+    w * gamma / sqrt(var + eps) and beta - mean * gamma / sqrt(var + eps) (plus the scaled conv bias)."""
+    scale = _cat([b.weight for b in bns]) * torch.rsqrt(_cat([b.running_var for b in bns]) + bns[0].eps)
+    shift = _cat([b.bias for b in bns]) - _cat([b.running_mean for b in bns]) * scale
+    weight = _cat([c.weight for c in convs])
+    bias = shift if convs[0].bias is None else shift + _cat([c.bias for c in convs]) * scale
+    return weight * scale.to(weight.dtype).view(-1, 1, 1, 1), bias.to(weight.dtype)
+
+
+# First convolution -> {number of experts stacked: (state key, sources kept alive, weight, bias)}. Weak keys:
+# a model's entries go with it, and nothing is added to its state dict or its pickle.
+_FOLDED: "weakref.WeakKeyDictionary[nn.Module, Dict[int, tuple]]" = weakref.WeakKeyDictionary()
+
+
+def _folded_weights(
+    convs: Sequence[nn.Conv2d], bns: Sequence[nn.BatchNorm2d]
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``_fold``, computed once per state of the weights and statistics when no gradient is recorded for them.
+
+    The fold is a few small operations per convolution, which at batch 1 cost more time than the batch-norm
+    passes they replace; so under ``torch.no_grad`` / ``inference_mode`` the result is kept until a source
+    tensor changes: in place (its version counter moves, as in ``optimizer.step()``, ``load_state_dict``
+    or a training forward's running statistics) or by replacement (its address moves; the sources are kept
+    alive, so an address is not reused while the entry lives). Recomputed in every forward when gradients
+    are recorded for a source (they must reach the weights and batch norms), when compiling and during
+    CUDA-graph capture (a recorded graph must read the live weights).
+    """
+    first = convs[0].weight
+    if torch.compiler.is_compiling() or (first.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return _fold(convs, bns)
+    sources: List[torch.Tensor] = [c.weight for c in convs]
+    sources += [c.bias for c in convs if c.bias is not None]
+    sources += [t for b in bns for t in (b.weight, b.bias, b.running_mean, b.running_var)]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in sources):
+        return _fold(convs, bns)
+    if any(t.is_inference() for t in sources):  # no version counter to watch
+        return _fold(convs, bns)
+    key = (bns[0].eps, tuple((t.data_ptr(), t._version) for t in sources))
+    entries = _FOLDED.setdefault(convs[0], {})
+    entry = entries.get(len(convs))
+    if entry is None or entry[0] != key:
+        # Ordinary tensors even under inference_mode: a later forward that records gradients for its input
+        # (saliency on a frozen model) must be able to save them for backward.
+        with torch.inference_mode(False), torch.no_grad():
+            weight, bias = _fold(convs, bns)
+            entry = entries[len(convs)] = (key, [t.detach() for t in sources], weight, bias)
+    return entry[2], entry[3]
 
 
 def _cat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -125,9 +174,7 @@ def _conv_bn(
     maps instead of two, equal to the two-step computation up to float rounding."""
     if bns[0].training:
         return _batch_norm(_conv(x, convs, shared_input), bns)
-    scale = _cat([b.weight for b in bns]) * torch.rsqrt(_cat([b.running_var for b in bns]) + bns[0].eps)
-    shift = _cat([b.bias for b in bns]) - _cat([b.running_mean for b in bns]) * scale
-    return _conv(x, convs, shared_input, scale, shift)
+    return _conv(x, convs, shared_input, _folded_weights(convs, bns))
 
 
 def _shortcut(x: torch.Tensor, blocks: Sequence[nn.Module], shared_input: bool) -> torch.Tensor:

@@ -335,9 +335,10 @@ class RIDEResNet(nn.Module):
             concatenated channels (``ride_models.models.fused_experts``); False runs the experts one by one;
             None (the default) picks per call where measurements showed the fused pass faster. The same
             outputs and the same state dict either way; see :meth:`set_fused_experts`.
-        fold_bn: In eval mode, fold each batch norm into the convolution before it (computed in every
-            forward from the current weights and statistics: one pass over the maps instead of two). The
-            same outputs up to float rounding; modules with hooks inside run unfolded, so hooks fire.
+        fold_bn: In eval mode, fold each batch norm into the convolution before it: one pass over the
+            maps instead of two. The folded weights follow the current weights and statistics (kept
+            between forwards that record no gradient for them, until one changes). The same outputs up
+            to float rounding; modules with hooks inside run unfolded, so hooks fire.
     """
 
     __jit_unused_properties__ = ["routing"]
