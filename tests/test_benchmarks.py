@@ -15,11 +15,10 @@ from ride_models.flops import count_macs
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def throughput():
-    spec = importlib.util.spec_from_file_location(
-        "benchmarks_throughput", ROOT / "benchmarks" / "throughput.py"
-    )
+def _script(filename: str):
+    """Import ``benchmarks/<filename>`` as the module ``benchmarks_<name>``; yield it, then forget it."""
+    name = "benchmarks_" + filename.removesuffix(".py")
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / filename)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
     try:
@@ -27,6 +26,11 @@ def throughput():
         yield module
     finally:
         sys.modules.pop(spec.name, None)
+
+
+@pytest.fixture(scope="module")
+def throughput():
+    yield from _script("throughput.py")
 
 
 def test_throughput_writes_json_rows(throughput, tmp_path):
@@ -77,16 +81,7 @@ def test_paper_shares_reproduce_the_paper_routed_cost(throughput):
 # ------------------------------------------------------------------------------------- the speed run
 @pytest.fixture(scope="module")
 def speedrun():
-    spec = importlib.util.spec_from_file_location(
-        "benchmarks_speedrun", ROOT / "benchmarks" / "cifar_lt_speedrun.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.modules.pop(spec.name, None)
+    yield from _script("cifar_lt_speedrun.py")
 
 
 def test_speedrun_reads_the_official_cifar10_lt(speedrun, shared_data_dir, tmp_path):
@@ -191,16 +186,7 @@ def test_unfolded_rows_compare_routing_with_all_experts_computed_alike(throughpu
 # --------------------------------------------------------------------------- training parity check
 @pytest.fixture(scope="module")
 def parity():
-    spec = importlib.util.spec_from_file_location(
-        "benchmarks_official_parity", ROOT / "benchmarks" / "official_parity.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.modules.pop(spec.name, None)
+    yield from _script("official_parity.py")
 
 
 def test_parity_check_needs_the_official_code(parity, tmp_path):
