@@ -679,9 +679,12 @@ class RIDEResNet(nn.Module):
         return can_fuse(modules, training=False)
 
     @torch.jit.unused
+    def _shared_stages(self) -> List[nn.Module]:
+        return [self.layer1] if self.layer2 is None else [self.layer1, self.layer2]
+
+    @torch.jit.unused
     def _fold_trunk(self, x: torch.Tensor) -> bool:
-        stages = [self.layer1] if self.layer2 is None else [self.layer1, self.layer2]
-        return self._can_fold(x, [self.conv1, self.bn1, self.act1, self.maxpool, *stages])
+        return self._can_fold(x, [self.conv1, self.bn1, self.act1, self.maxpool, *self._shared_stages()])
 
     @torch.jit.unused
     def _fold_experts(self, x: torch.Tensor, num_experts: int) -> bool:
@@ -690,7 +693,7 @@ class RIDEResNet(nn.Module):
     @torch.jit.unused
     def _folded_shared(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.act1(self._folded_stem_conv(x)))
-        return folded_blocks(x, [self.layer1] if self.layer2 is None else [self.layer1, self.layer2])
+        return folded_blocks(x, self._shared_stages())
 
     @torch.jit.unused
     def _folded_stem_conv(self, x: torch.Tensor) -> torch.Tensor:
