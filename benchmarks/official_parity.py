@@ -109,15 +109,11 @@ def deviation(model: torch.nn.Module, name: str, reference: torch.nn.Module, our
     state = (
         model.state_dict() if ours else convert_official_state_dict(model.state_dict(), name, num_classes=10)
     )
-    params = {k for k, p in model.named_parameters()} if ours else None
     floating = [k for k, v in ref.items() if v.is_floating_point() and not k.startswith("router.")]
-    if params is None:
-        params = {k for k in floating if not k.endswith(("running_mean", "running_var"))}
+    stats = [k for k in floating if k.endswith(("running_mean", "running_var"))]
+    params = [k for k in floating if k not in stats]
     out = {}
-    for kind, keys in (
-        ("params", [k for k in floating if k in params]),
-        ("stats", [k for k in floating if k not in params]),
-    ):
+    for kind, keys in (("params", params), ("stats", stats)):
         a, b = flat(state, keys), flat(ref, keys)
         out[kind] = ((a - b).norm() / b.norm()).item()
     return out
