@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ride_models._compat import is_compiling
+
 __all__ = [
     "LOSS_NAMES",
     "CrossEntropyLoss",
@@ -87,11 +89,6 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _is_compiling() -> bool:
-    is_compiling = getattr(torch.compiler, "is_compiling", None)  # torch >= 2.3
-    return bool(is_compiling and is_compiling())
-
-
 def _autocast_off(device: torch.device):
     if hasattr(torch.amp, "is_autocast_available") and not torch.amp.is_autocast_available(device.type):
         return nullcontext()
@@ -119,7 +116,7 @@ def _check_target(target: Tensor, batch: int, num_classes: int) -> None:
         raise ValueError(f"target has {target.shape[0]} entries but the logits have batch size {batch}")
     # The range check reads the targets on the host: skipped where that would stall the device (CUDA's own
     # kernels assert on an out-of-range class index) or break a compiled graph.
-    if _is_compiling() or target.numel() == 0 or target.device.type != "cpu":
+    if is_compiling() or target.numel() == 0 or target.device.type != "cpu":
         return
     low, high = int(target.min()), int(target.max())
     if low < 0 or high >= num_classes:

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import nn
 
+from ride_models._compat import is_compiling
+
 __all__ = ["can_fuse", "folded_blocks", "folded_conv_bn", "fused_expert_stages", "fusing_pays"]
 
 
@@ -123,7 +125,7 @@ def _folded_weights(
     CUDA-graph capture (a recorded graph must read the live weights).
     """
     first = convs[0].weight
-    if torch.compiler.is_compiling() or (first.is_cuda and torch.cuda.is_current_stream_capturing()):
+    if is_compiling() or (first.is_cuda and torch.cuda.is_current_stream_capturing()):
         return _fold(convs, bns)
     sources: List[torch.Tensor] = [c.weight for c in convs]
     sources += [c.bias for c in convs if c.bias is not None]
