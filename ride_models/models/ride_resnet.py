@@ -881,7 +881,7 @@ class RIDEResNet(nn.Module):
             if level in take:
                 intermediates.append(x)
         fused = not torch.jit.is_scripting() and self._use_fused(x)
-        fold = not torch.jit.is_scripting() and self._fold_experts(x, self.num_experts)
+        fold = not fused and not torch.jit.is_scripting() and self._fold_experts(x, self.num_experts)
         stage_names = [name for name, _ in self.experts[0].named_children()]
         maps = [x] * self.num_experts
         for j, name in enumerate(stage_names):
