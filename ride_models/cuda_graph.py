@@ -26,6 +26,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 from torch import nn
 
+from ride_models.models.fused_experts import forget_folded_weights
 from ride_models.models.ride_resnet import RoutedOutput
 
 __all__ = ["GraphedRouting", "GraphedTrainStep"]
@@ -110,6 +111,7 @@ class GraphedTrainStep:
         static_x.copy_(x)
         static_y.copy_(y)
         graph.replay()
+        forget_folded_weights()  # the replay moved the weights without moving their version counters
         return static_loss
 
     def _record(self, x: torch.Tensor, y: torch.Tensor):

@@ -5,6 +5,7 @@ import copy
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 
 import ride_models  # noqa: F401
 from ride_models.engine import RouterTrainStep, make_step
@@ -89,6 +90,27 @@ def test_graphed_steps_train_as_eager_steps(fused, deterministic_cudnn):
     torch.testing.assert_close(runs[1], runs[0], rtol=1e-5, atol=1e-5)
     for (k, a), b in zip(eager.state_dict().items(), graphed.state_dict().values()):
         torch.testing.assert_close(a.float(), b.float(), rtol=1e-5, atol=1e-5, msg=k)
+
+
+@needs_cuda
+def test_eval_forwards_between_replays_see_the_replayed_weights():
+    # Replays move weights without moving their version counters; a model trained in eval mode (frozen
+    # batch norm) and evaluated between steps must not reuse the batch-norm folds of the last evaluation.
+    from ride_models.cuda_graph import GraphedTrainStep
+
+    torch.manual_seed(0)
+    model = timm.create_model("ride_resnet32_2e", num_classes=5).cuda().eval()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    step = GraphedTrainStep(lambda x, y: F.cross_entropy(model(x), y), optimizer, model=model)
+    x, y = torch.randn(8, 3, 32, 32, device="cuda"), torch.randint(0, 5, (8,), device="cuda")
+    plain = copy.deepcopy(model)
+    plain.fold_bn = False
+    for _ in range(step.warmup_steps + 3):  # eager steps, a recording, then replays
+        step(x, y)
+        with torch.no_grad():
+            plain.load_state_dict(model.state_dict())
+            torch.testing.assert_close(model(x), plain(x), rtol=1e-4, atol=1e-4)
+    assert step.recordings == 1
 
 
 # A CUDA graph records a step only if the step never waits on the device: no ``.item()``, no ``bool(t)``,

@@ -254,6 +254,24 @@ def test_kept_folded_weights_follow_every_change_of_the_model(fused):
     torch.testing.assert_close(folded(x.float()), first)
 
 
+@pytest.mark.parametrize("fused", [None, True])
+def test_writes_that_bypass_version_counters_are_seen_after_eval_or_forget(fused):
+    # ``.data`` writes (and CUDA-graph replays) do not move version counters: the kept folds are dropped by
+    # a switch of mode (evaluate() calls eval()) or by forget_folded_weights().
+    from ride_models.models.fused_experts import forget_folded_weights
+
+    folded, plain = _fold_pair("ride_resnet32_4e", fused)
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    _assert_folded_matches(folded, plain, x)
+    folded.experts[2].layer3[0].conv2.weight.data.mul_(-1.0)
+    folded.bn1.running_mean.data.add_(0.5)
+    folded.eval()
+    _assert_folded_matches(folded, plain, x)
+    folded.layer1[1].bn2.weight.data.mul_(3.0)
+    forget_folded_weights()
+    _assert_folded_matches(folded, plain, x)
+
+
 def test_eval_mode_gradients_reach_the_weights_and_batch_norms():
     # With gradients recorded (eval-mode fine-tuning, saliency), the fold is part of the autograd graph.
     folded, plain = _fold_pair("ride_resnet50_2e", False)

@@ -26,7 +26,14 @@ from torch import nn
 
 from ride_models._compat import is_compiling
 
-__all__ = ["can_fuse", "folded_blocks", "folded_conv_bn", "fused_expert_stages", "fusing_pays"]
+__all__ = [
+    "can_fuse",
+    "folded_blocks",
+    "folded_conv_bn",
+    "forget_folded_weights",
+    "fused_expert_stages",
+    "fusing_pays",
+]
 
 
 def fusing_pays(
@@ -109,6 +116,22 @@ def _fold(convs: Sequence[nn.Conv2d], bns: Sequence[nn.BatchNorm2d]) -> Tuple[to
 # First convolution -> {number of experts stacked: (state key, sources kept alive, weight, bias)}. Weak keys:
 # a model's entries go with it, and nothing is added to its state dict or its pickle.
 _FOLDED: "weakref.WeakKeyDictionary[nn.Module, Dict[int, tuple]]" = weakref.WeakKeyDictionary()
+# Part of every state key: forget_folded_weights() moves it, so that no kept entry matches any more.
+_generation = 0
+
+
+def forget_folded_weights() -> None:
+    """Make every kept folded weight stale: the next eval-mode forward of every model folds again.
+
+    The kept weights follow each source's version counter, which PyTorch moves for every in-place change
+    it dispatches (``optimizer.step()``, ``load_state_dict``, a training forward's running statistics). Two
+    kinds of change bypass it: writes through ``.data`` (``conv.weight.data.normal_()``) and the replay of
+    a CUDA graph that updates the weights or statistics. ``RIDEResNet.train()`` / ``.eval()`` and
+    :class:`~ride_models.cuda_graph.GraphedTrainStep` call this; call it after such a change made while a
+    model stays in eval mode. It costs one fold per model at its next forward.
+    """
+    global _generation
+    _generation += 1
 
 
 def _folded_weights(
@@ -120,9 +143,10 @@ def _folded_weights(
     passes they replace; so under ``torch.no_grad`` / ``inference_mode`` the result is kept until a source
     tensor changes: in place (its version counter moves, as in ``optimizer.step()``, ``load_state_dict``
     or a training forward's running statistics) or by replacement (its address moves; the sources are kept
-    alive, so an address is not reused while the entry lives). Recomputed in every forward when gradients
-    are recorded for a source (they must reach the weights and batch norms), when compiling and during
-    CUDA-graph capture (a recorded graph must read the live weights).
+    alive, so an address is not reused while the entry lives), and after :func:`forget_folded_weights` (for
+    changes that bypass the version counter). Recomputed in every forward when gradients are recorded for a
+    source (they must reach the weights and batch norms), when compiling and during CUDA-graph capture (a
+    recorded graph must read the live weights).
     """
     first = convs[0].weight
     if is_compiling() or (first.is_cuda and torch.cuda.is_current_stream_capturing()):
@@ -134,7 +158,7 @@ def _folded_weights(
         return _fold(convs, bns)
     if any(t.is_inference() for t in sources):  # no version counter to watch
         return _fold(convs, bns)
-    key = (bns[0].eps, tuple((t.data_ptr(), t._version) for t in sources))
+    key = (_generation, bns[0].eps, tuple((t.data_ptr(), t._version) for t in sources))
     entries = _FOLDED.setdefault(convs[0], {})
     entry = entries.get(len(convs))
     if entry is None or entry[0] != key:

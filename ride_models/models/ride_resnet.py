@@ -53,6 +53,7 @@ from ride_models.models.fused_experts import (
     can_fuse,
     folded_blocks,
     folded_conv_bn,
+    forget_folded_weights,
     fused_expert_stages,
     fusing_pays,
 )
@@ -618,6 +619,9 @@ class RIDEResNet(nn.Module):
             p.requires_grad_(name.startswith("router.") == self.router_training)
 
     def train(self, mode: bool = True) -> "RIDEResNet":
+        # A switch of mode is where weights changed outside PyTorch's view (CUDA-graph replays, ``.data``)
+        # are about to be evaluated: the batch-norm folds kept from the last eval forward are dropped.
+        forget_folded_weights()
         super().train(mode)
         if mode and self.router_training:
             for name, child in self.named_children():
