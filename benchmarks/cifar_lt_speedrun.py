@@ -19,7 +19,8 @@
   throw-away copy of the model for a few steps and keeps the faster.
 * Reported: top-1 and many/medium/few on the 10,000 CIFAR-10 test images (CIFAR-10-LT at ratio 100 has no
   few-shot class: 8 many, 2 medium), and the wall-clock seconds from the start of the script, data
-  loading, graph recording and evaluation included.
+  loading, graph recording and evaluation included. ``--eval-every N`` adds the test accuracy every N
+  epochs (``curve`` in the JSON; its evaluations count in the total, not in the training time).
 
 ``--epochs N`` shortens the schedule proportionally (milestones, DRW epoch; warm-up min(5, N // 40)).
 """
@@ -179,6 +180,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--no-cuda-graph", action="store_true", help="eager steps on CUDA")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-every", type=int, default=10, help="epochs between printed losses")
+    parser.add_argument(
+        "--eval-every", type=int, default=0,
+        help="also evaluate on the test set every N epochs (an accuracy curve; its time counts in the total)",
+    )  # fmt: skip
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
 
@@ -221,6 +226,17 @@ def main(argv=None) -> dict:
     model.set_fused_experts(fused)
     optimizer, step = build_trainer(model, loss_fn, recipe, amp_dtype, cuda_graph)
 
+    def test(epoch: int):
+        result = evaluate(
+            model, test_loader, class_counts=class_counts, device=device, routing="all",
+            amp_dtype=amp_dtype, channels_last=True,
+        )  # fmt: skip
+        curve.append(dict(epoch=epoch, top1=round(result.top1, 2), many=round(result.many_top1, 2),
+                          medium=round(result.medium_top1, 2)))  # fmt: skip
+        return result
+
+    curve: list = []
+    eval_seconds = 0.0
     train_start = time.perf_counter()
     for epoch in range(1, recipe["epochs"] + 1):
         lr = lr_at_epoch(
@@ -234,12 +250,15 @@ def main(argv=None) -> dict:
         loss = run_epoch(step, train_loader, optimizer, epoch, device, amp_dtype)
         if epoch % args.log_every == 0 or epoch == recipe["epochs"]:
             print(f"epoch {epoch}: lr {lr:.4g} train loss {loss:.4f} | {time.perf_counter() - start:.1f} s")
-    train_seconds = time.perf_counter() - train_start
+        if args.eval_every and epoch % args.eval_every == 0 and epoch < recipe["epochs"]:
+            eval_start = time.perf_counter()
+            test(epoch)
+            eval_seconds += time.perf_counter() - eval_start
+            print(f"epoch {epoch}: test top-1 {curve[-1]['top1']:.2f} (many {curve[-1]['many']:.2f} / "
+                  f"medium {curve[-1]['medium']:.2f})")  # fmt: skip
+    train_seconds = time.perf_counter() - train_start - eval_seconds
 
-    result = evaluate(
-        model, test_loader, class_counts=class_counts, device=device, routing="all",
-        amp_dtype=amp_dtype, channels_last=True,
-    )  # fmt: skip
+    result = test(recipe["epochs"])
     total = time.perf_counter() - start
     device_name = torch.cuda.get_device_name(device) if cuda else f"CPU ({torch.get_num_threads()} threads)"
     out = dict(
@@ -251,6 +270,7 @@ def main(argv=None) -> dict:
         data_seconds=round(data_seconds, 1), train_seconds=round(train_seconds, 1),
         total_seconds=round(total, 1),
         train_images_per_s=round(len(train_targets) * recipe["epochs"] / train_seconds),
+        curve=curve,
     )  # fmt: skip
     print(
         f"CIFAR-10-LT r100, {args.model}, {recipe['epochs']} epochs on {device_name}: "

@@ -172,6 +172,41 @@ def test_speedrun_epoch_trains_through_the_engine_loop(speedrun):
     assert any(k.startswith("experts.1.") for k in changed) and "conv1.weight" in changed
 
 
+def test_speedrun_prints_an_accuracy_curve(speedrun, monkeypatch, tmp_path, capsys):
+    # The whole script on a few random images (the data loading is tested above): the curve holds the
+    # evaluations asked for, the final one last, and the JSON has them.
+    import json
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+
+    def tiny_cifar(data_dir, ratio=100, seed=0):
+        train_y = np.repeat(np.arange(10), [101, 20, 5, 3, 2, 2, 1, 1, 1, 1])  # many, medium, few
+        images = rng.integers(0, 256, (len(train_y) + 20, 32, 32, 3), dtype=np.uint8)
+        return images[: len(train_y)], train_y, images[len(train_y) :], np.arange(20) % 10
+
+    monkeypatch.setattr(speedrun, "load_cifar10_lt", tiny_cifar)
+    out = speedrun.main(
+        [
+            "--device",
+            "cpu",
+            "--epochs",
+            "3",
+            "--eval-every",
+            "2",
+            "--fused",
+            "on",
+            "--json",
+            str(tmp_path / "r.json"),
+        ]
+    )
+    assert [point["epoch"] for point in out["curve"]] == [2, 3]
+    assert out["curve"][-1]["top1"] == out["top1"]
+    assert json.loads((tmp_path / "r.json").read_text())["curve"] == out["curve"]
+    assert "epoch 2: test top-1" in capsys.readouterr().out
+
+
 def test_unfolded_rows_compare_routing_with_all_experts_computed_alike(throughput, tmp_path):
     argv = ["--device", "cpu", "--models", "ride_resnet32_2e", "--modes", "infer", "routed", "--unfolded"]
     argv += ["--batch-size", "4", "--warmup", "1", "--iters", "1", "--repeats", "1", "--route-shares", "0.5"]
