@@ -116,12 +116,10 @@ def _fold(convs: Sequence[nn.Conv2d], bns: Sequence[nn.BatchNorm2d]) -> Tuple[to
 # First convolution -> {number of experts stacked: (state key, sources kept alive, weight, bias)}. Weak keys:
 # a model's entries go with it, and nothing is added to its state dict or its pickle.
 _FOLDED: "weakref.WeakKeyDictionary[nn.Module, Dict[int, tuple]]" = weakref.WeakKeyDictionary()
-# Part of every state key: forget_folded_weights() moves it, so that no kept entry matches any more.
-_generation = 0
 
 
 def forget_folded_weights() -> None:
-    """Make every kept folded weight stale: the next eval-mode forward of every model folds again.
+    """Drop every kept folded weight, freeing its memory: the next eval forward of each model folds again.
 
     The kept weights follow each source's version counter, which PyTorch moves for every in-place change
     it dispatches (``optimizer.step()``, ``load_state_dict``, a training forward's running statistics). Two
@@ -130,8 +128,7 @@ def forget_folded_weights() -> None:
     :class:`~ride_models.cuda_graph.GraphedTrainStep` call this; call it after such a change made while a
     model stays in eval mode. It costs one fold per model at its next forward.
     """
-    global _generation
-    _generation += 1
+    _FOLDED.clear()
 
 
 def _folded_weights(
@@ -158,7 +155,7 @@ def _folded_weights(
         return _fold(convs, bns)
     if any(t.is_inference() for t in sources):  # no version counter to watch
         return _fold(convs, bns)
-    key = (_generation, bns[0].eps, tuple((t.data_ptr(), t._version) for t in sources))
+    key = (bns[0].eps, tuple((t.data_ptr(), t._version) for t in sources))
     entries = _FOLDED.setdefault(convs[0], {})
     entry = entries.get(len(convs))
     if entry is None or entry[0] != key:
