@@ -23,6 +23,9 @@
   epochs (``curve`` in the JSON; its evaluations count in the total, not in the training time).
 
 ``--epochs N`` shortens the schedule proportionally (milestones, DRW epoch; warm-up min(5, N // 40)).
+``--lr`` and ``--full-width`` are experiments away from the official recipe (for CIFAR-10-LT, the authors
+of SADE, built on the RIDE code, advise full-width experts and lr 0.05: Vanint/SADE-AgnosticLT issue 11);
+the JSON and the summary line record both.
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ from ride_models.training import PRESETS, build_optimizer  # noqa: E402
 
 DEFAULT_DATA_DIR = _ROOT.parent / "shared" / "data" / "cifar10"
 PER_CLASS = 5000  # CIFAR-10 training images per class
+FULL_WIDTH_PLANES = (16, 32, 64)  # a CIFAR ResNet-32's planes; the RIDE models' experts have 24 and 48
 
 
 def _open(data_dir: Path, split: str):
@@ -179,6 +183,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--fused", choices=("auto", "on", "off"), default="auto")
     parser.add_argument("--no-cuda-graph", action="store_true", help="eager steps on CUDA")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--lr", type=float, default=None,
+        help="base learning rate instead of the recipe's 0.1 (an experiment: not the official recipe)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--full-width", action="store_true",
+        help="experts at the full ResNet-32 widths 32/64 (the official reduce_dimension=False) instead of "
+        "the recipe's 24/48: more MACs; an experiment, not the official CIFAR recipe",
+    )  # fmt: skip
     parser.add_argument("--log-every", type=int, default=10, help="epochs between printed losses")
     parser.add_argument(
         "--eval-every", type=int, default=0,
@@ -196,6 +209,8 @@ def main(argv=None) -> dict:
         torch.backends.cudnn.benchmark = True
     torch.manual_seed(args.seed)
     recipe = scaled_recipe(args.epochs)
+    if args.lr is not None:
+        recipe["lr"] = args.lr
 
     train_images, train_targets, test_images, test_targets = load_cifar10_lt(args.data_dir, 100, 0)
     class_counts = np.bincount(train_targets, minlength=10).tolist()
@@ -208,7 +223,8 @@ def main(argv=None) -> dict:
     print(f"data: {len(train_targets)} training images {class_counts}, {len(test_targets)} test images, "
           f"{data_seconds:.1f} s")  # fmt: skip
 
-    model = timm.create_model(args.model, num_classes=10)
+    widths = dict(planes=FULL_WIDTH_PLANES) if args.full_width else {}
+    model = timm.create_model(args.model, num_classes=10, **widths)
     model.set_expert_training(True)
     model.to(device).train()
     model.to(memory_format=torch.channels_last)
@@ -262,7 +278,8 @@ def main(argv=None) -> dict:
     total = time.perf_counter() - start
     device_name = torch.cuda.get_device_name(device) if cuda else f"CPU ({torch.get_num_threads()} threads)"
     out = dict(
-        model=args.model, loss="ldam_diversity", epochs=recipe["epochs"], device=device_name,
+        model=args.model, loss="ldam_diversity", epochs=recipe["epochs"], lr=recipe["lr"],
+        full_width=args.full_width, device=device_name,
         torch=torch.__version__, amp=str(amp_dtype), fused_experts=fused, cuda_graph=cuda_graph,
         graphs_recorded=getattr(step, "recordings", None),
         top1=round(result.top1, 2), many=round(result.many_top1, 2), medium=round(result.medium_top1, 2),
@@ -273,7 +290,8 @@ def main(argv=None) -> dict:
         curve=curve,
     )  # fmt: skip
     print(
-        f"CIFAR-10-LT r100, {args.model}, {recipe['epochs']} epochs on {device_name}: "
+        f"CIFAR-10-LT r100, {args.model}{' (full width)' if args.full_width else ''}, {recipe['epochs']} "
+        f"epochs, lr {recipe['lr']:g} on {device_name}: "
         f"top-1 {out['top1']:.2f} "
         f"(many {out['many']:.2f} / medium {out['medium']:.2f} / few: no class) in {total:.1f} s end to end "
         f"(data {data_seconds:.1f} s, training {train_seconds:.1f} s, {out['train_images_per_s']} img/s)"

@@ -174,7 +174,8 @@ def test_speedrun_epoch_trains_through_the_engine_loop(speedrun):
 
 def test_speedrun_prints_an_accuracy_curve(speedrun, monkeypatch, tmp_path, capsys):
     # The whole script on a few random images (the data loading is tested above): the curve holds the
-    # evaluations asked for, the final one last, and the JSON has them.
+    # evaluations asked for, the final one last, and the JSON has them; the experiment flags reach the
+    # model and the recipe.
     import json
 
     import numpy as np
@@ -187,24 +188,21 @@ def test_speedrun_prints_an_accuracy_curve(speedrun, monkeypatch, tmp_path, caps
         return images[: len(train_y)], train_y, images[len(train_y) :], np.arange(20) % 10
 
     monkeypatch.setattr(speedrun, "load_cifar10_lt", tiny_cifar)
-    out = speedrun.main(
-        [
-            "--device",
-            "cpu",
-            "--epochs",
-            "3",
-            "--eval-every",
-            "2",
-            "--fused",
-            "on",
-            "--json",
-            str(tmp_path / "r.json"),
-        ]
+    created = []
+    create_model = speedrun.timm.create_model
+    monkeypatch.setattr(
+        speedrun.timm, "create_model", lambda *a, **k: created.append(k) or create_model(*a, **k)
     )
+    argv = "--device cpu --epochs 3 --eval-every 2 --fused on --lr 0.05 --full-width --json".split()
+    out = speedrun.main([*argv, str(tmp_path / "r.json")])
+    assert out["lr"] == 0.05 and out["full_width"] and created[0]["planes"] == (16, 32, 64)
     assert [point["epoch"] for point in out["curve"]] == [2, 3]
     assert out["curve"][-1]["top1"] == out["top1"]
     assert json.loads((tmp_path / "r.json").read_text())["curve"] == out["curve"]
-    assert "epoch 2: test top-1" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert (
+        "epoch 2: test top-1" in printed and "ride_resnet32_4e (full width), 3 epochs, lr 0.05 on" in printed
+    )
 
 
 def test_unfolded_rows_compare_routing_with_all_experts_computed_alike(throughput, tmp_path):
