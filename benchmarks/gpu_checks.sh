@@ -27,7 +27,9 @@
 #   r32             throughput of ride_resnet32_4e (CUDA graphs for training and routed inference, the
 #                   official code as shipped, inference also with batch norm not folded)
 #   r50             throughput of ride_resnet50_3e and timm's resnet50 (routed inference also from bucketed
-#                   CUDA graphs, inference also with batch norm not folded), with a profile of every case
+#                   CUDA graphs, inference also with batch norm not folded), with a profile of every case;
+#                   channels-last in fp32 too (the official code also as shipped, fp32 NCHW: the equal-
+#                   precision target compares our fastest fp32 with it)
 #   r50_compile     ride_resnet50_3e under torch.compile, bf16: training, all-experts and routed inference,
 #                   beside the official code (eager: it has no such option) and timm's resnet50 (compiled
 #                   too); not in the default list: minutes of compilation
@@ -77,7 +79,8 @@ for part in $PARTS; do
         ;;
     r50)
         timeout "${THROUGHPUT_S:-200}" python3 benchmarks/throughput.py --device cuda "${official_args[@]}" \
-            --models ride_resnet50_3e --cuda-graph --unfolded --precision fp32 bf16 --seconds 0.3 --repeats 3 --warmup 2 \
+            --models ride_resnet50_3e --cuda-graph --unfolded --precision fp32 bf16 --channels-last --seconds 0.3 \
+            --repeats 3 --warmup 2 \
             --profile 3 --json "$OUT/throughput_r50.json" 2>&1 | tee "$OUT/throughput_r50.txt"
         ;;
     r50_compile)
