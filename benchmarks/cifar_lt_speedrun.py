@@ -242,7 +242,9 @@ def main(argv=None) -> dict:
     model.set_fused_experts(fused)
     optimizer, step = build_trainer(model, loss_fn, recipe, amp_dtype, cuda_graph)
 
-    def test(epoch: int):
+    curve: list = []  # the test accuracy after each evaluated epoch
+
+    def evaluate_on_test(epoch: int):
         result = evaluate(
             model, test_loader, class_counts=class_counts, device=device, routing="all",
             amp_dtype=amp_dtype, channels_last=True,
@@ -251,7 +253,6 @@ def main(argv=None) -> dict:
                           medium=round(result.medium_top1, 2)))  # fmt: skip
         return result
 
-    curve: list = []
     eval_seconds = 0.0
     train_start = time.perf_counter()
     for epoch in range(1, recipe["epochs"] + 1):
@@ -268,13 +269,13 @@ def main(argv=None) -> dict:
             print(f"epoch {epoch}: lr {lr:.4g} train loss {loss:.4f} | {time.perf_counter() - start:.1f} s")
         if args.eval_every and epoch % args.eval_every == 0 and epoch < recipe["epochs"]:
             eval_start = time.perf_counter()
-            test(epoch)
+            evaluate_on_test(epoch)
             eval_seconds += time.perf_counter() - eval_start
             print(f"epoch {epoch}: test top-1 {curve[-1]['top1']:.2f} (many {curve[-1]['many']:.2f} / "
                   f"medium {curve[-1]['medium']:.2f})")  # fmt: skip
     train_seconds = time.perf_counter() - train_start - eval_seconds
 
-    result = test(recipe["epochs"])
+    result = evaluate_on_test(recipe["epochs"])
     total = time.perf_counter() - start
     device_name = torch.cuda.get_device_name(device) if cuda else f"CPU ({torch.get_num_threads()} threads)"
     out = dict(
