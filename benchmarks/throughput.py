@@ -947,26 +947,27 @@ def add_ratios(rows: List[Dict[str, Any]], baseline: str) -> None:
         shares = None if row["route_shares"] is None else tuple(row["route_shares"])
         return (shares, *(row[k] for k in ("model", "mode", "batch", "precision", "channels_last")))
 
+    def group(row: Dict[str, Any], impl: str) -> str:
+        # Our rows also by fold_bn: a routed row is compared with all experts computed the same way.
+        return f"ours, fold_bn {row['fold_bn']}" if impl == "ours" else impl
+
     by_impl: Dict[str, Dict[tuple, Dict[str, Any]]] = {}
     for row in rows:
-        # Our rows also by fold_bn: a routed row is compared with all experts computed the same way.
-        impl = row["impl"] if row["impl"] != "ours" else f"ours, fold_bn {row['fold_bn']}"
-        by_impl.setdefault(impl, {})[key(row)] = row
+        by_impl.setdefault(group(row, row["impl"]), {})[key(row)] = row
     for row in rows:
         ips = row["images_per_s"]
         if row["impl"] == "ours":
-            other = by_impl.get("official EA" if row["mode"] == "routed" else "official", {}).get(key(row))
+            official = by_impl.get("official EA" if row["mode"] == "routed" else "official", {})
+            other = official.get(key(row))
             if other:
                 row["ratio_vs_official"] = ips / other["images_per_s"]
-            shipped = by_impl.get("official EA" if row["mode"] == "routed" else "official", {}).get(
-                key(row, precision="fp32", channels_last=False)
-            )
+            shipped = official.get(key(row, precision="fp32", channels_last=False))
             if shipped:
                 row["ratio_vs_official_shipped"] = ips / shipped["images_per_s"]
         if row["mode"] == "routed":
-            impl = row["impl"].replace(" EA", "")
-            impl = impl if impl != "ours" else f"ours, fold_bn {row['fold_bn']}"
-            same = by_impl.get(impl, {}).get(key(row, mode="infer", route_shares=None))
+            same = by_impl.get(group(row, row["impl"].replace(" EA", "")), {}).get(
+                key(row, mode="infer", route_shares=None)
+            )
             if same:
                 row["ratio_vs_all_experts"] = ips / same["images_per_s"]
         if row["model"] != baseline and row["family"] not in (None, "resnet32"):
