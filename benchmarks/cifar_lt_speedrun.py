@@ -137,6 +137,14 @@ def scaled_recipe(epochs: int) -> dict:
     )
 
 
+def recipe_lr(recipe: dict, epoch: int) -> float:
+    """The learning rate of 1-based ``epoch`` under ``recipe`` (warm-up, then steps at the milestones)."""
+    return lr_at_epoch(
+        epoch, schedule="step", base_lr=recipe["lr"], epochs=recipe["epochs"],
+        milestones=recipe["milestones"], gamma=recipe["gamma"], warmup_epochs=recipe["warmup_epochs"],
+    )  # fmt: skip
+
+
 def build_trainer(model, loss_fn, recipe: dict, amp_dtype, cuda_graph: bool):
     """The SGD optimizer and the step for ``engine.train_one_epoch``: train.py's forward pass and loss, or
     on CUDA the whole step (forward, loss, backward, SGD) replayed as a CUDA graph."""
@@ -256,10 +264,7 @@ def main(argv=None) -> dict:
     eval_seconds = 0.0
     train_start = time.perf_counter()
     for epoch in range(1, recipe["epochs"] + 1):
-        lr = lr_at_epoch(
-            epoch, schedule="step", base_lr=recipe["lr"], epochs=recipe["epochs"],
-            milestones=recipe["milestones"], gamma=recipe["gamma"], warmup_epochs=recipe["warmup_epochs"],
-        )  # fmt: skip
+        lr = recipe_lr(recipe, epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss_fn.set_epoch(epoch)

@@ -43,7 +43,7 @@ for _path in (_HERE.parent, _HERE):  # the library (run from a clone) and the si
         sys.path.insert(0, str(_path))
 
 import timm  # noqa: E402
-from cifar_lt_speedrun import DEFAULT_DATA_DIR, load_cifar10_lt, scaled_recipe  # noqa: E402
+from cifar_lt_speedrun import DEFAULT_DATA_DIR, load_cifar10_lt, recipe_lr, scaled_recipe  # noqa: E402
 from throughput import OFFICIAL, Official, model_spec  # noqa: E402
 
 import ride_models  # noqa: E402, F401  (registers the models)
@@ -52,7 +52,6 @@ from ride_models.data import DeviceDataLoader  # noqa: E402
 from ride_models.data.transforms import SMALL_IMAGE_CONFIGS  # noqa: E402
 from ride_models.engine import make_step  # noqa: E402
 from ride_models.losses import create_loss  # noqa: E402
-from ride_models.scheduler import lr_at_epoch  # noqa: E402
 from ride_models.training import build_optimizer  # noqa: E402
 
 PHASES = (1, 100, 161)  # official 1-based epochs: warm-up, stage 1 at full lr, after DRW
@@ -100,12 +99,12 @@ def flat(state: dict, keys) -> torch.Tensor:
     return torch.cat([state[k].double().flatten() for k in keys])
 
 
-def deviation(model: torch.nn.Module, name: str, reference: torch.nn.Module, ours: bool) -> dict:
+def deviation(model: torch.nn.Module, name: str, ref: dict, ours: bool) -> dict:
     """Relative L2 distance of the parameters and of the running statistics from the official model's.
 
-    Our router is left out: the official CIFAR model of stage 1 has none (and ours is frozen then).
+    ``ref``: the official model's state dict in our layout. Our router is left out: the official CIFAR
+    model of stage 1 has none (and ours is frozen then).
     """
-    ref = convert_official_state_dict(reference.state_dict(), name, num_classes=10)
     state = (
         model.state_dict() if ours else convert_official_state_dict(model.state_dict(), name, num_classes=10)
     )
@@ -143,10 +142,7 @@ def run(args: argparse.Namespace) -> dict:
 
     results = []
     for epoch in PHASES:
-        lr = lr_at_epoch(
-            epoch, schedule="step", base_lr=recipe["lr"], epochs=recipe["epochs"],
-            milestones=recipe["milestones"], gamma=recipe["gamma"], warmup_epochs=recipe["warmup_epochs"],
-        )  # fmt: skip
+        lr = recipe_lr(recipe, epoch)
         runs = {}  # name -> (model, step, optimizer, is ours)
         for name in ("official", "official_perturbed"):
             model = model_cls(**arch).to(dtype)
@@ -187,7 +183,9 @@ def run(args: argparse.Namespace) -> dict:
             losses = {
                 name: train_step(step, optimizer, x, y) for name, (_, step, optimizer, _) in runs.items()
             }
-            reference = runs["official"][0]
+            reference = convert_official_state_dict(
+                runs["official"][0].state_dict(), args.model, num_classes=10
+            )
             for name, (model, _, _, ours) in runs.items():
                 if name == "official":
                     continue
