@@ -31,6 +31,11 @@ def _train(tmp_path: Path, name: str, *flags: str) -> dict:
     return training.main([*FAST, "--output", str(tmp_path), "--experiment", name, *flags])
 
 
+def _summary_rows(run: Path) -> list:
+    with (run / "summary.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
 def _same_weights(a: Path, b: Path) -> bool:
     x, y = load_file(a), load_file(b)
     return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
@@ -48,7 +53,7 @@ def test_train_py_on_the_embedded_default(tmp_path):
     assert {"args.yaml", "summary.csv", "last.safetensors", "best_on_test.safetensors", "last_state.pt",
             "results.json", "log.txt"} <= {p.name for p in run.iterdir()}  # fmt: skip
     assert "many" in result.stdout and "medium" in result.stdout and "few" in result.stdout
-    rows = list(csv.DictReader((run / "summary.csv").open()))
+    rows = _summary_rows(run)
     assert [r["epoch"] for r in rows] == ["1", "2"]
     assert {"train_loss", "lr", "top1", "many_top1", "medium_top1", "few_top1"} <= set(rows[0])
     assert float(rows[0]["lr"]) == pytest.approx(0.1 / 3)  # digits preset: lr 0.1, 3 warm-up epochs
@@ -115,9 +120,9 @@ def test_exact_resume_after_a_kill(tmp_path):
     training.main(["--resume", str(tmp_path / "killed")])
     assert epoch_at_kill <= 3
     assert _same_weights(tmp_path / "straight" / "last.safetensors", tmp_path / "killed" / "last.safetensors")
-    rows = list(csv.DictReader((tmp_path / "killed" / "summary.csv").open()))
+    rows = _summary_rows(tmp_path / "killed")
     assert [r["epoch"] for r in rows] == ["1", "2", "3"]
-    straight = list(csv.DictReader((tmp_path / "straight" / "summary.csv").open()))
+    straight = _summary_rows(tmp_path / "straight")
     assert [r["train_loss"] for r in rows] == [r["train_loss"] for r in straight]
 
 
@@ -131,7 +136,7 @@ def test_two_process_distributed_run(tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "2 processes (gloo)" in result.stdout and "global batch 128" in result.stdout
     assert (tmp_path / "ddp" / "results.json").exists()
-    rows = list(csv.DictReader((tmp_path / "ddp" / "summary.csv").open()))
+    rows = _summary_rows(tmp_path / "ddp")
     assert len(rows) == 1
 
 
