@@ -179,6 +179,8 @@ def safe_torch_load(path: str | Path) -> Any:
             allowed += [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
         with torch.serialization.safe_globals(allowed):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (AttributeError, ImportError, NameError):
+        raise  # this code against the installed torch, not the file
     except Exception as error:
         # torch re-raises everything as UnpicklingError; our stand-ins' refusal and torch's own blocked
         # modules (os, posix, subprocess, ...) both mean the file asks to run code.

@@ -305,6 +305,14 @@ def test_truncated_and_corrupted_files(tmp_path, official_ea):
         read_official_checkpoint(tmp_path / "absent.pth")
 
 
+def test_a_missing_torch_api_is_not_blamed_on_the_file(tmp_path, official_ea, monkeypatch):
+    # As under torch 2.5, which lacks this function: the error is ours, the file is fine.
+    path = _official_pth(tmp_path, official_ea)
+    monkeypatch.delattr(torch.serialization, "get_unsafe_globals_in_checkpoint")
+    with pytest.raises(AttributeError, match="get_unsafe_globals_in_checkpoint"):
+        read_official_checkpoint(path)
+
+
 def test_pickles_that_need_code_execution_are_refused(tmp_path):
     marker = tmp_path / "ran"
     evil = _research_module(
