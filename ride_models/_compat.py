@@ -1,9 +1,12 @@
-"""Small shims over differences between the torch versions the package supports (torch >= 2.1)."""
+"""Small shims over differences between the torch versions the package supports (torch >= 2.6)."""
 
 import torch
 
 
-def is_compiling() -> bool:
-    """Whether torch.compile is tracing this code (``torch.compiler.is_compiling``, torch >= 2.3)."""
-    check = getattr(torch.compiler, "is_compiling", None)
-    return bool(check and check())
+def autocast_known(device_type: str) -> bool:
+    """Whether autocast knows ``device_type`` (it does not know ``"meta"``, for one).
+
+    Compiled code skips the check: the compiler of torch < 2.7 cannot trace it (a graph break in every
+    forward), and what it compiles runs on devices autocast knows.
+    """
+    return torch.compiler.is_compiling() or torch.amp.is_autocast_available(device_type)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ride_models._compat import is_compiling
+from ride_models._compat import autocast_known
 
 __all__ = [
     "LOSS_NAMES",
@@ -90,7 +90,7 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 
 
 def _autocast_off(device: torch.device):
-    if hasattr(torch.amp, "is_autocast_available") and not torch.amp.is_autocast_available(device.type):
+    if not autocast_known(device.type):
         return nullcontext()
     return torch.autocast(device_type=device.type, enabled=False)
 
@@ -116,7 +116,7 @@ def _check_target(target: Tensor, batch: int, num_classes: int) -> None:
         raise ValueError(f"target has {target.shape[0]} entries but the logits have batch size {batch}")
     # The range check reads the targets on the host: skipped where that would stall the device (CUDA's own
     # kernels assert on an out-of-range class index) or break a compiled graph.
-    if is_compiling() or target.numel() == 0 or target.device.type != "cpu":
+    if torch.compiler.is_compiling() or target.numel() == 0 or target.device.type != "cpu":
         return
     low, high = int(target.min()), int(target.max())
     if low < 0 or high >= num_classes:

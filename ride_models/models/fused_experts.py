@@ -24,8 +24,6 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import nn
 
-from ride_models._compat import is_compiling
-
 __all__ = [
     "can_fuse",
     "folded_blocks",
@@ -146,7 +144,7 @@ def _folded_weights(
     recorded graph must read the live weights).
     """
     first = convs[0].weight
-    if is_compiling() or (first.is_cuda and torch.cuda.is_current_stream_capturing()):
+    if torch.compiler.is_compiling() or (first.is_cuda and torch.cuda.is_current_stream_capturing()):
         return _fold(convs, bns)
     sources: List[torch.Tensor] = [c.weight for c in convs]
     sources += [c.bias for c in convs if c.bias is not None]

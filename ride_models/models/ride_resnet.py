@@ -48,6 +48,7 @@ from timm.models import (
 )
 from torch import nn
 
+from ride_models._compat import autocast_known
 from ride_models.data.transforms import CIFAR_MEAN, CIFAR_STD
 from ride_models.models.fused_experts import (
     can_fuse,
@@ -112,13 +113,7 @@ torch.fx.wrap("_check_input")  # a leaf for FX: its data-dependent branch is not
 def _autocast_enabled(x: torch.Tensor) -> bool:
     if isinstance(x, torch.fx.Proxy):  # FX traces the plain computation
         return False
-    available = getattr(torch.amp, "is_autocast_available", None)  # torch >= 2.3; False for "meta"
-    if available is not None and not available(x.device.type):
-        return False
-    try:
-        return torch.is_autocast_enabled(x.device.type)
-    except TypeError:  # torch < 2.4: no device argument
-        return torch.is_autocast_enabled() if x.is_cuda else torch.is_autocast_cpu_enabled()
+    return autocast_known(x.device.type) and torch.is_autocast_enabled(x.device.type)
 
 
 class NormedLinear(nn.Module):
