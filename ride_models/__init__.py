@@ -6,6 +6,16 @@ Importing this package registers every ``ride_*`` model with timm::
     model = timm.create_model("ride_resnet32_4e")
 """
 
-from ride_models.models import RIDEOutput, RIDEResNet, RoutedOutput, RouterTrainOutput  # noqa: F401  (registers)
+from ride_models._compat import check_versions
+
+# Before the models import timm's newer APIs: a clear message, not an ImportError from deep inside.
+check_versions()
+
+from ride_models.models import (  # noqa: E402, F401  (registers)
+    RIDEOutput,
+    RIDEResNet,
+    RoutedOutput,
+    RouterTrainOutput,
+)
 
 __version__ = "0.1.0.dev0"
