@@ -33,6 +33,7 @@ __all__ = [
     "convert_official_state_dict",
     "convert_to_model",
     "is_official_state_dict",
+    "official_to_our_keys",
     "rename_official_keys",
 ]
 
@@ -101,6 +102,19 @@ def _fresh_router(model: RIDEResNet) -> Dict[str, torch.Tensor]:
     return {f"router.{k}": v for k, v in router.state_dict().items()}
 
 
+def official_to_our_keys(state_dict: Dict[str, torch.Tensor], model: RIDEResNet) -> Dict[str, torch.Tensor]:
+    """Rename an official state dict to our keys with the router marked trained (an EA checkpoint) or, when
+    it has none, ``model``'s untrained one; no check against ``model``. For timm's pretrained loading when
+    it will adapt the first convolution or drop the classifiers (other ``in_chans`` / ``num_classes``);
+    :func:`convert_to_model` checks the whole file."""
+    mapped = rename_official_keys(state_dict)
+    if any(k.startswith("router.") for k in mapped):
+        mapped["router.trained"] = torch.ones((), dtype=torch.bool)
+    else:
+        mapped.update(_fresh_router(model))
+    return mapped
+
+
 def convert_to_model(state_dict: Dict[str, torch.Tensor], model: RIDEResNet) -> Dict[str, torch.Tensor]:
     """Convert an official state dict for a given model instance (used by timm's pretrained loading).
 
@@ -108,7 +122,7 @@ def convert_to_model(state_dict: Dict[str, torch.Tensor], model: RIDEResNet) -> 
         ValueError: the state dict is for another family, expert count or class count than ``model``, or
             has keys that are unknown, missing or of the wrong shape; the message lists them.
     """
-    mapped = rename_official_keys(state_dict)
+    mapped = official_to_our_keys(state_dict, model)
     name = getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
     expected = model.state_dict()
     for label, given, wanted in architecture_differences(mapped, expected):
@@ -117,11 +131,6 @@ def convert_to_model(state_dict: Dict[str, torch.Tensor], model: RIDEResNet) -> 
             f"the official state dict does not fit {name}: {label}: {given} in the checkpoint, "
             f"{wanted} in the model{hint}"
         )
-    has_router = any(k.startswith("router.") for k in mapped)
-    if has_router:
-        mapped["router.trained"] = torch.ones((), dtype=torch.bool)
-    else:
-        mapped.update(_fresh_router(model))
     problems = key_differences(mapped, expected)
     if problems:
         if any(line.startswith("  shape mismatches") and "router.fc" in line for line in problems):

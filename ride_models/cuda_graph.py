@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ride_models.models.fused_experts import forget_folded_weights
-from ride_models.models.ride_resnet import RoutedOutput
+from ride_models.models.ride_resnet import RoutedOutput, _check_threshold
 
 __all__ = ["GraphedRouting", "GraphedTrainStep"]
 
@@ -195,7 +195,9 @@ class GraphedRouting:
         if granularity is not None and granularity < 1:
             raise ValueError(f"granularity must be at least 1, got {granularity}")
         self.model = model
-        self.threshold = model.routing_threshold if threshold is None else float(threshold)
+        self.threshold = (
+            model.routing_threshold if threshold is None else _check_threshold(threshold, closed=True)
+        )
         self.granularity = granularity
         self.amp_dtype = amp_dtype
         self.record = record

@@ -53,13 +53,21 @@ class ExpertRouter(nn.Module):
         self.fc = nn.Linear(top_k + hidden_dim, 1)
         self.register_buffer("trained", torch.zeros((), dtype=torch.bool))
         # Python mirror of the buffer: routing-mode checks must not read a tensor (a host sync, and it would
-        # break FX tracing and TorchScript of the all-experts path).
+        # break FX tracing and TorchScript of the all-experts path). Refreshed by set_trained, loading a
+        # state dict, and train() / eval().
         self.is_trained = False
 
     def set_trained(self, trained: bool = True) -> None:
         """Mark the router as fitted (or not); stored in the state dict."""
         self.trained.fill_(bool(trained))
         self.is_trained = bool(trained)
+
+    def train(self, mode: bool = True) -> ExpertRouter:
+        # train() / eval() re-read the buffer: copies into it in place (timm's ModelEma updates, SWA's
+        # AveragedModel, ``trained.fill_``) do not pass through set_trained. One host read per mode switch.
+        if not self.trained.is_meta:
+            self.is_trained = bool(self.trained)
+        return super().train(mode)
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs

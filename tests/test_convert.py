@@ -179,3 +179,51 @@ def test_official_state_dict_loaded_directly_points_to_the_converter(official_e3
         r"'ride_resnet32_3e'\)",
     ):
         model.load_state_dict(official_e3)
+
+
+def test_official_file_through_timm_with_other_classes_or_channels(official_ea_e3, tmp_path):
+    """timm's usual adaptations apply to official files as to ours: new classifiers (and so an untrained
+    router) for another class count, features for num_classes=0, a first convolution for in_chans."""
+    path = tmp_path / "official.safetensors"
+    save_file(official_ea_e3, str(path))
+    overlay = dict(file=str(path))
+    reference = timm.create_model("ride_resnet32_3e", pretrained=True, pretrained_cfg_overlay=overlay)
+    trunk = reference.layer1[0].conv1.weight
+
+    new_classes = timm.create_model(
+        "ride_resnet32_3e", pretrained=True, num_classes=10, pretrained_cfg_overlay=overlay
+    )
+    assert new_classes.routing == "all" and new_classes.heads[0].weight.shape == (10, 48)
+    assert torch.equal(new_classes.layer1[0].conv1.weight, trunk)
+
+    features = timm.create_model(
+        "ride_resnet32_3e", pretrained=True, num_classes=0, pretrained_cfg_overlay=overlay
+    )
+    with torch.no_grad():
+        assert features.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 3 * 48)
+
+    gray = timm.create_model("ride_resnet32_3e", pretrained=True, in_chans=1, pretrained_cfg_overlay=overlay)
+    assert gray.routing == "router"  # classifiers and router kept
+    torch.testing.assert_close(gray.conv1.weight, reference.conv1.weight.sum(dim=1, keepdim=True))
+    assert torch.equal(gray.heads[2].weight, reference.heads[2].weight)
+
+
+def test_own_file_whose_classifiers_timm_would_drop(tmp_path):
+    """A 10-class file into a 10-class model whose pretrained config says 100: timm drops the classifiers,
+    so the router goes too, with a warning naming the overlay that keeps them."""
+    trained = timm.create_model("ride_resnet32_4e", num_classes=10)
+    trained.router.set_trained()
+    path = tmp_path / "own10.safetensors"
+    save_file(trained.state_dict(), str(path))
+    with pytest.warns(UserWarning, match="add num_classes=10 to pretrained_cfg_overlay"):
+        model = timm.create_model(
+            "ride_resnet32_4e", pretrained=True, num_classes=10, pretrained_cfg_overlay=dict(file=str(path))
+        )
+    assert model.routing == "all" and not torch.equal(model.heads[0].weight, trained.heads[0].weight)
+    kept = timm.create_model(
+        "ride_resnet32_4e",
+        pretrained=True,
+        num_classes=10,
+        pretrained_cfg_overlay=dict(file=str(path), num_classes=10),
+    )
+    assert kept.routing == "router" and torch.equal(kept.heads[0].weight, trained.heads[0].weight)

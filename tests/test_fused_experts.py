@@ -151,7 +151,7 @@ def test_folded_inference_equals_the_modules(name, fused):
         torch.testing.assert_close(final, folded.forward_features(x), **close)
         # A threshold between the middle two first decisions: half the samples go on, half stop there.
         # (Not at a sample's own value: folding moves a decision by rounding, which would decide a tie.)
-        p = torch.sigmoid(folded.route(x, threshold=2.0).router_logits[:, 0]).sort().values
+        p = torch.sigmoid(folded.route(x, threshold=1.0).router_logits[:, 0]).sort().values
         threshold = ((p[2] + p[3]) / 2).item()
         a, b = folded.route(x, threshold=threshold), plain.route(x, threshold=threshold)
     torch.testing.assert_close(a.logits, b.logits, **close)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -387,3 +388,126 @@ def test_load_state_dict_explains_family_mismatch():
 def test_bad_global_pool():
     with pytest.raises(ValueError, match="global_pool"):
         timm.create_model("ride_resnet32_2e", global_pool="max")
+
+
+# --------------------------------------------------------------------- what timm users do with a model
+def test_the_router_flag_follows_in_place_copies_at_the_next_mode_switch():
+    """timm's ModelEma (and SWA's AveragedModel) copy buffers in place, past set_trained: eval() re-reads
+    the flag, as timm's validate does before evaluating the EMA weights."""
+    model = timm.create_model("ride_resnet32_4e", num_classes=10)
+    ema = timm.utils.ModelEmaV3(model, decay=0.9)
+    model.router.set_trained()
+    ema.update(model, step=1)
+    assert bool(ema.module.router.trained) and ema.module.eval().routing == "router"
+    copy = timm.create_model("ride_resnet32_4e", num_classes=10)
+    copy.router.trained.fill_(True)
+    assert copy.eval().routing == "router"
+    copy.router.trained.fill_(False)
+    assert copy.train().eval().routing == "all"
+
+
+def test_hooks_of_every_kind_see_their_modules_run():
+    """The fused pass and batch-norm folding call no submodule; a hook anywhere makes the modules run."""
+    x = torch.randn(4, 3, 32, 32, requires_grad=True)
+    model = timm.create_model("ride_resnet32_3e", num_classes=10).train()
+    model.set_fused_experts(True)
+    calls = []
+    model.experts[0].layer3[0].conv1.register_full_backward_hook(lambda *a: calls.append("expert"))
+    model(x).sum().backward()
+    assert calls == ["expert"]
+    model.eval()  # batch norm folded into the trunk's convolutions
+    model.layer1[0].conv1.register_full_backward_hook(lambda *a: calls.append("trunk"))
+    model(x).sum().backward()
+    assert calls == ["expert", "expert", "trunk"]
+
+    seen = []
+    plain = timm.create_model("ride_resnet32_3e", num_classes=10).eval()
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, args, out: seen.append(type(module).__name__)
+    )
+    try:
+        with torch.no_grad():
+            plain(x)
+    finally:
+        handle.remove()
+    convs = sum(isinstance(m, torch.nn.Conv2d) for m in plain.modules())
+    assert seen.count("Conv2d") == convs and seen.count("BatchNorm2d") == convs
+
+
+@pytest.mark.parametrize("k", [0, -1, 5])
+def test_forward_experts_refuses_an_expert_count_out_of_range(k):
+    model = timm.create_model("ride_resnet32_4e", num_classes=10).eval()
+    with pytest.raises(ValueError, match=f"num_experts={k} is out of range: this model has 4 experts"):
+        model.forward_experts(torch.randn(2, 3, 32, 32), k)
+
+
+def test_a_refused_routing_call_changes_nothing():
+    model = timm.create_model("ride_resnet32_4e", num_classes=10)
+    model.set_routing(2, threshold=0.4)
+    for mode, threshold in [("foo", 0.9), (7, 0.8), (2, 1.5), (2, "high")]:
+        with pytest.raises(ValueError):
+            model.set_routing(mode, threshold=threshold)
+        assert model.routing == 2 and model.routing_threshold == 0.4
+    backbone = timm.create_model("ride_resnet32_4e", num_classes=0)
+    with pytest.raises(ValueError, match="k=1 needs classifier logits"):
+        backbone.set_routing(1)
+    assert backbone.routing == "all"
+
+
+def test_integers_of_any_kind_are_routing_counts():
+    model = timm.create_model("ride_resnet32_4e", num_classes=10)
+    model.set_routing(np.int64(2))
+    assert model.routing == 2 and isinstance(model.routing, int)
+    model.set_routing(torch.tensor(3))
+    assert model.routing == 3
+
+
+def test_route_thresholds_are_checked():
+    """route() takes the closed interval: 0 sends every sample on, 1 stops every sample."""
+    model = timm.create_model("ride_resnet32_4e", num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert model.route(x, threshold=1.0).num_experts.tolist() == [1, 1]
+        assert model.route(x, threshold=0.0).num_experts.tolist() == [4, 4]
+        for bad in (5.0, -0.1, float("nan"), "a"):
+            with pytest.raises(ValueError, match=r"threshold must be a number in \[0, 1\]"):
+                model.route(x, threshold=bad)
+
+
+def test_reset_classifier_ends_an_explicit_router_setting():
+    model = timm.create_model("ride_resnet32_4e", num_classes=10)
+    model.router.set_trained()
+    model.set_routing("router")
+    model.reset_classifier(5)  # a new, untrained router
+    assert model.routing == "all"
+    model.set_routing(2)
+    model.reset_classifier(0)  # a fixed k needs classifiers
+    assert model.routing == "all"
+
+
+def test_scripted_or_traced_routing_says_what_to_do():
+    model = timm.create_model("ride_resnet32_3e", num_classes=10).eval()
+    model.router.set_trained()
+    x = torch.randn(2, 3, 32, 32)
+    scripted = torch.jit.script(model)
+    with pytest.raises(Exception, match=r"does not run under TorchScript; call model.set_routing\('all'\)"):
+        scripted(x)
+    with pytest.raises(RuntimeError, match=r"cannot be traced with FX .* call model.set_routing\('all'\)"):
+        torch.fx.symbolic_trace(model)
+    model.set_routing("all")
+    with torch.no_grad():
+        torch.testing.assert_close(torch.fx.symbolic_trace(model)(x), model(x))
+
+
+@pytest.mark.parametrize("feature_cls", ["hook", "fx"])
+def test_features_only_names_the_feature_class_it_supports(feature_cls):
+    with pytest.raises(ValueError, match=f"feature_cls='{feature_cls}' is not supported.*'getter'"):
+        timm.create_model("ride_resnet32_3e", features_only=True, feature_cls=feature_cls)
+
+
+@pytest.mark.parametrize("entry", ["route", "forward_features", "forward_experts", "forward_intermediates"])
+def test_every_entry_point_explains_a_wrong_input(entry):
+    model = timm.create_model("ride_resnet32_3e", num_classes=10).eval()
+    for bad, message in [((2, 1, 32, 32), "create the model with in_chans=1"), ((3, 32, 32), r"got \[3, 32")]:
+        with pytest.raises(ValueError, match=message):
+            getattr(model, entry)(torch.randn(*bad))

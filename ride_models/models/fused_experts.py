@@ -61,17 +61,32 @@ def fusing_pays(
     return not any(hasattr(m, "conv3") for m in experts[0].modules())  # basic-block experts
 
 
+# Hooks that ``torch.nn.modules.module.register_module_*_hook`` registers for every module.
+_GLOBAL_HOOKS = (
+    "_global_forward_hooks",
+    "_global_forward_pre_hooks",
+    "_global_backward_hooks",
+    "_global_backward_pre_hooks",
+)
+
+
+def _global_hooks() -> bool:
+    return any(getattr(torch.nn.modules.module, name, None) for name in _GLOBAL_HOOKS)
+
+
 def can_fuse(experts: Sequence[nn.Module], training: bool) -> bool:
     """Whether ``fused_expert_stages`` computes what running ``experts`` one by one computes.
 
     It needs batch norms with a fixed momentum and tracked statistics (the only kind these models build),
-    no forward hooks inside the experts (the fused pass calls no submodule, so hooks would not fire:
-    ``ride_models.flops`` counts MACs with hooks, for example) and, in training, no stochastic depth (its
-    per-expert random draws are not reproduced).
+    no hooks (forward or backward) inside the experts nor global module hooks (the fused pass calls no
+    submodule, so hooks would not fire: ``ride_models.flops`` counts MACs with hooks, for example) and, in
+    training, no stochastic depth (its per-expert random draws are not reproduced).
     """
+    if _global_hooks():
+        return False
     for expert in experts:
         for m in expert.modules():
-            if m._forward_hooks or m._forward_pre_hooks:
+            if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
                 return False
             if isinstance(m, nn.BatchNorm2d) and (m.momentum is None or not m.track_running_stats):
                 return False

@@ -27,6 +27,8 @@ State-dict layout (``ride_models.convert`` maps the official one onto it)::
 """
 
 # No `from __future__ import annotations`: TorchScript needs the NamedTuple annotations as real types.
+import operator
+import os
 import re
 import warnings
 from collections import OrderedDict
@@ -107,6 +109,29 @@ def _check_input(x: torch.Tensor, in_chans: int) -> None:
 
 
 torch.fx.wrap("_check_input")  # a leaf for FX: its data-dependent branch is not traced
+
+
+def _check_threshold(threshold: Any, closed: bool = False) -> float:
+    """The router threshold as a float in (0, 1) (``closed``: in [0, 1], where 0 sends every sample on and 1
+    stops every sample), or a ValueError naming the value."""
+    try:
+        value = float(threshold)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not (0.0 <= value <= 1.0 if closed else 0.0 < value < 1.0):
+        bounds = "[0, 1]" if closed else "(0, 1)"
+        raise ValueError(f"routing threshold must be a number in {bounds}, got {threshold!r}")
+    return value
+
+
+def _routing_int(mode: Any) -> Optional[int]:
+    """``mode`` as an int k if it is an integer of any kind (int, numpy, a 0-d integer tensor), else None."""
+    if mode is None or isinstance(mode, (bool, str)):
+        return None
+    try:
+        return operator.index(mode)
+    except TypeError:
+        return None
 
 
 @torch.jit.unused  # only called outside TorchScript (is_scripting() guards the call)
@@ -529,6 +554,10 @@ class RIDEResNet(nn.Module):
         self.heads = nn.ModuleList([self._make_head(num_classes) for _ in range(self.num_experts)])
         device = self.conv1.weight.device
         self.router = self._make_router(num_classes).to(device)
+        # The new router is untrained: routing falls back to the default ("all" until it is fitted), and a
+        # fixed k needs classifiers.
+        if self._routing_mode == "router" or (num_classes <= 0 and self._routing_mode == "k"):
+            self._routing_mode, self._routing_k = "auto", self.num_experts
         self._update_trainable()
 
     # ------------------------------------------------------------------------------------- routing API
@@ -549,13 +578,12 @@ class RIDEResNet(nn.Module):
                 been trained, ``"all"`` before).
             threshold: Router probability above which a sample moves on to the next expert (default 0.5).
         """
-        if threshold is not None:
-            if not 0.0 < float(threshold) < 1.0:
-                raise ValueError(f"routing threshold must be in (0, 1), got {threshold}")
-            self.routing_threshold = float(threshold)
-        if mode is None or mode == "all":
-            self._routing_mode, self._routing_k = ("auto" if mode is None else "all"), self.num_experts
-        elif mode == "router":
+        # Everything is checked before anything changes: a refused call leaves the setting as it was.
+        threshold = self.routing_threshold if threshold is None else _check_threshold(threshold)
+        k = _routing_int(mode)
+        if mode is None or (isinstance(mode, str) and mode == "all"):
+            setting = ("auto" if mode is None else "all"), self.num_experts
+        elif isinstance(mode, str) and mode == "router":
             if self.num_classes <= 0:
                 raise ValueError("routing needs classifier logits; this model has num_classes=0")
             if not self.router.is_trained:
@@ -564,19 +592,25 @@ class RIDEResNet(nn.Module):
                     "until stage 2 (train.py --stage router) has fitted it",
                     stacklevel=2,
                 )
-            self._routing_mode, self._routing_k = "router", self.num_experts
-        elif isinstance(mode, int) and not isinstance(mode, bool):
-            if not 1 <= mode <= self.num_experts:
+            setting = "router", self.num_experts
+        elif k is not None:
+            if not 1 <= k <= self.num_experts:
                 raise ValueError(
-                    f"routing k={mode} is out of range: this model has {self.num_experts} experts, "
+                    f"routing k={k} is out of range: this model has {self.num_experts} experts, "
                     f"so k must be between 1 and {self.num_experts}"
                 )
-            self._routing_mode, self._routing_k = "k", mode
+            if self.num_classes <= 0 and k < self.num_experts:
+                raise ValueError(
+                    f"routing k={k} needs classifier logits; this model has num_classes=0 and returns "
+                    "the features of every expert"
+                )
+            setting = "k", k
         else:
             raise ValueError(
                 f"unknown routing mode {mode!r}: expected 'all', 'router', None, or an int k with "
                 f"1 <= k <= {self.num_experts}"
             )
+        (self._routing_mode, self._routing_k), self.routing_threshold = setting, threshold
 
     @torch.jit.ignore
     @contextmanager
@@ -630,6 +664,7 @@ class RIDEResNet(nn.Module):
     # ------------------------------------------------------------------------------------------ forward
     def forward_shared(self, x: torch.Tensor) -> torch.Tensor:
         """The shared trunk: stem and shared stages. ``[B, in_chans, H, W]`` -> ``[B, C_s, H', W']``."""
+        _check_input(x, self.in_chans)
         if not torch.jit.is_scripting() and self._fold_trunk(x):
             return self._folded_shared(x)
         x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
@@ -749,6 +784,8 @@ class RIDEResNet(nn.Module):
         if self.num_classes <= 0:
             raise RuntimeError("forward_experts needs classifiers; this model has num_classes=0")
         k = self.num_experts if num_experts is None else num_experts
+        if k < 1 or k > self.num_experts:
+            raise ValueError(f"num_experts={k} is out of range: this model has {self.num_experts} experts")
         return self._classify(self._split_experts(self.global_pool(self._expert_maps(x, k)), k))
 
     def forward(self, x: torch.Tensor) -> Union[torch.Tensor, RIDEOutput]:
@@ -759,6 +796,11 @@ class RIDEResNet(nn.Module):
         _check_input(x, self.in_chans)
         if not self.training and self.num_classes > 0:
             if self._use_router():
+                if torch.jit.is_scripting():
+                    raise RuntimeError(
+                        "routed inference does not run under TorchScript; call model.set_routing('all') "
+                        "(or an int k) before torch.jit.script"
+                    )
                 return self.forward_routed(x)[0]
             if self._routing_k < self.num_experts:
                 return self.forward_experts(x, self._routing_k).mean(dim=1)
@@ -779,7 +821,12 @@ class RIDEResNet(nn.Module):
         """
         if self.num_classes <= 0:
             raise RuntimeError("routed inference needs classifiers; this model has num_classes=0")
-        threshold = self.routing_threshold if threshold is None else threshold
+        if isinstance(x, torch.fx.Proxy):
+            raise RuntimeError(
+                "routed inference cannot be traced with FX (how many samples go on depends on the data); "
+                "call model.set_routing('all') (or an int k) before tracing"
+            )
+        threshold = self.routing_threshold if threshold is None else _check_threshold(threshold, closed=True)
         shared = self.forward_shared(x)
         fold = self._fold_experts(shared, self.num_experts)
         batch = shared.shape[0]
@@ -859,6 +906,7 @@ class RIDEResNet(nn.Module):
         experts' maps concatenated along channels (``feature_info`` gives the widths)."""
         if output_fmt != "NCHW":
             raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        _check_input(x, self.in_chans)
         take, max_index = _take_indices(len(self.feature_info), indices)
         intermediates = []
         # The same computation as forward_features: batch norm folded where that runs folded.
@@ -1048,16 +1096,37 @@ def _describe_mismatch(model: RIDEResNet, state_dict: Dict[str, torch.Tensor]) -
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: RIDEResNet) -> Dict[str, torch.Tensor]:
-    """Prepare a checkpoint for ``model``: unwrap training checkpoints, convert the official layout, and
-    drop the router when the classifiers change size (its inputs are the old classifiers' logits)."""
-    from ride_models.convert import convert_to_model, is_official_state_dict
+    """Prepare a checkpoint for ``model`` (timm's pretrained loading): unwrap training checkpoints, rename
+    the official layout, and drop the router whenever the classifiers are not loaded (its inputs are the
+    old classifiers' logits).
+
+    timm then adapts the first convolution to ``in_chans`` and drops the classifiers when ``num_classes``
+    differs from the pretrained config's, official files included.
+    """
+    from ride_models.convert import convert_to_model, is_official_state_dict, official_to_our_keys
 
     if "state_dict" in state_dict and isinstance(state_dict["state_dict"], dict):
         state_dict = state_dict["state_dict"]
-    if is_official_state_dict(state_dict):
-        return convert_to_model(state_dict, model)
+    cfg_classes = getattr(model, "pretrained_cfg", {}).get("num_classes", model.num_classes)
+    official = is_official_state_dict(state_dict)
     head = state_dict.get("heads.0.weight")
-    if head is not None and head.shape[0] != model.num_classes:
+    if official:
+        conv = state_dict.get(next((k for k in state_dict if k.endswith("conv1.weight")), ""), None)
+        fits = model.num_classes == cfg_classes and (conv is None or conv.shape[1] == model.in_chans)
+        if fits:  # the whole file loads: convert it with every check
+            return convert_to_model(state_dict, model)
+        state_dict = official_to_our_keys(state_dict, model)
+        head = state_dict.get("heads.0.weight")
+    classes = None if head is None else int(head.shape[0])
+    if classes is not None and model.num_classes != cfg_classes:
+        if classes == model.num_classes:
+            warnings.warn(
+                f"the classifiers of these weights fit num_classes={classes}, but timm drops them because "
+                f"the pretrained config says {cfg_classes}; to keep them, add num_classes={classes} to "
+                "pretrained_cfg_overlay",
+                stacklevel=2,
+            )
+    if classes is not None and (classes != model.num_classes or model.num_classes != cfg_classes):
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith("router.")}
     return state_dict
 
@@ -1071,6 +1140,12 @@ def _create_ride_resnet(variant: str, pretrained: bool = False, **kwargs) -> RID
                 f"unknown pretrained tag {tag!r} for {variant}; known tags: {', '.join(known) or 'none'} "
                 f"(timm.list_pretrained('{variant}.*'))"
             )
+    if kwargs.get("features_only") and kwargs.get("feature_cls", "getter") not in ("getter", None):
+        raise ValueError(
+            f"feature_cls={kwargs['feature_cls']!r} is not supported: an expert stage's feature level is the "
+            "experts' maps concatenated, which no single module outputs (hooks and FX need one); use the "
+            "default feature_cls='getter' (forward_intermediates)"
+        )
     num_levels = len(kwargs["layers"]) + 1
     try:
         return build_model_with_cfg(
@@ -1084,6 +1159,14 @@ def _create_ride_resnet(variant: str, pretrained: bool = False, **kwargs) -> RID
     except OSError as error:  # no network and not in the cache (huggingface_hub's errors are OSErrors)
         if not pretrained:
             raise
+        overlay = kwargs.get("pretrained_cfg_overlay") or {}
+        if overlay.get("file"):
+            path = os.fspath(overlay["file"])
+            reason = "is not a file" if os.path.exists(path) else "does not exist"
+            raise FileNotFoundError(
+                f"the weights file given as pretrained_cfg_overlay=dict(file={path!r}) {reason}"
+                + (f": {error}" if str(error) else "")
+            ) from error
         name = f"{variant}.{tag}" if isinstance(tag, str) else variant
         cfg = get_pretrained_cfg(name)  # registered: the variant exists and the tag was checked above
         raise RuntimeError(
