@@ -174,18 +174,29 @@ with torch.no_grad():
 
 
 def write_folder(model: nn.Module, out_dir: str | Path, card: str) -> Path:
-    """Check a forward pass, then write ``model.safetensors``, timm's ``config.json`` and ``README.md``."""
+    """Check a forward pass, then write ``model.safetensors``, timm's ``config.json`` and ``README.md``.
+
+    The config's ``input_size`` carries the model's input channels, so that timm builds the same stem when it
+    loads the folder. The model is left in the mode it was in.
+    """
+    cfg = dict(model.pretrained_cfg)
+    size = tuple(cfg.get("input_size", (3, 224, 224)))
+    size = (model.in_chans, *size[1:])
+    was_training = model.training
     model.eval()
-    size = tuple(model.pretrained_cfg.get("input_size", (3, 224, 224)))
-    with torch.no_grad():
-        x = torch.randn(2, *size)
-        logits, used = model.forward_routed(x) if model.num_experts > 1 else (model(x), None)
-        if logits.shape != (2, model.num_classes) or not torch.isfinite(logits).all():
-            raise ValueError(
-                f"the converted model's forward pass gave {tuple(logits.shape)} / non-finite logits"
-            )
-    out_dir = Path(out_dir)
-    save_for_hf(model, str(out_dir), safe_serialization=True)
+    try:
+        with torch.no_grad():
+            x = torch.randn(2, *size)
+            routed = model.num_experts > 1 and model.num_classes > 0
+            out = model.forward_routed(x)[0] if routed else model(x)
+        expected = (2, model.num_classes if model.num_classes > 0 else model.num_features)
+        if out.shape != expected or not torch.isfinite(out).all():
+            raise ValueError(f"the model's forward pass gave {tuple(out.shape)} / non-finite outputs")
+        out_dir = Path(out_dir)
+        model.pretrained_cfg = model.default_cfg = {**cfg, "input_size": size}
+        save_for_hf(model, str(out_dir), safe_serialization=True)
+    finally:
+        model.train(was_training)
     (out_dir / "README.md").write_text(card)
     return out_dir
 

@@ -363,3 +363,24 @@ def test_published_configs():
         )
     assert timm.models.get_pretrained_cfg("ride_resnet50_4e").tag == "inat2018_distill_200ep"  # best first
     assert timm.models.get_pretrained_cfg("ride_resnet50_3e.inat2018").num_classes == 8142
+
+
+@pytest.mark.parametrize("name", ["ride_resnet32_4e", "ride_resnet32_2e"])  # published weights or none
+def test_a_missing_overlay_file_is_named(tmp_path, name):
+    for path in (tmp_path / "nope.safetensors", tmp_path):
+        with pytest.raises(FileNotFoundError, match=f"file={str(path)!r}\\) (does not exist|is not a file)"):
+            timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+
+
+def test_write_folder_keeps_the_input_channels_and_the_mode(tmp_path):
+    model = timm.create_model("ride_resnet32_4e", in_chans=1, num_classes=10).train()
+    hub.write_folder(model, tmp_path / "gray", "card")
+    assert model.training
+    loaded = timm.create_model(f"local-dir:{tmp_path / 'gray'}", pretrained=True)
+    assert loaded.in_chans == 1 and torch.equal(loaded.conv1.weight, model.conv1.weight)
+
+    backbone = timm.create_model("ride_resnet32_4e", num_classes=0)
+    hub.write_folder(backbone, tmp_path / "backbone", "card")
+    loaded = timm.create_model(f"local-dir:{tmp_path / 'backbone'}", pretrained=True)
+    assert loaded.num_classes == 0
+    assert all(torch.equal(v, backbone.state_dict()[k]) for k, v in loaded.state_dict().items())
