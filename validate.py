@@ -17,6 +17,7 @@ import csv
 import json
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
@@ -184,9 +185,43 @@ def _write_outputs(
             print(f"wrote {path}")
 
 
+def _check_output_paths(args: argparse.Namespace) -> None:
+    """Refuse output paths that cannot be written, before anything is evaluated."""
+    for flag, value, kind in (
+        ("--results-file", args.results_file, "file"),
+        ("--per-class-csv", args.per_class_csv, "file"),
+        ("--plot-dir", args.plot_dir, "folder"),
+    ):
+        if not value:
+            continue
+        path = Path(value)
+        if kind == "file" and path.is_dir():
+            raise ValueError(f"{flag} {value} is a folder; give a file name")
+        if kind == "folder" and path.exists() and not path.is_dir():
+            raise ValueError(f"{flag} {value} is a file; give a folder")
+        for parent in path.parents:
+            if parent.exists():
+                if not parent.is_dir():
+                    raise ValueError(f"{flag} {value}: {parent} is a file, so nothing can be made in it")
+                break
+
+
+def _check_routings(model: nn.Module, routings: Sequence[Union[str, int]]) -> None:
+    """Every --routing value must suit the model (an expert count in range, classifiers for routing),
+    checked before the first evaluation."""
+    for routing in routings:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the untrained-router warning comes with its evaluation
+            with model.routing_scope(routing):
+                pass
+
+
 def main(argv: Optional[Sequence[str]] = None) -> List[EvalResult]:
     """Run validate.py with ``argv`` (default: the command line); return one result per routing mode."""
     args = build_parser().parse_args(argv)
+    _check_output_paths(args)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no CUDA device is available here; use --device cpu")
     device = torch.device(args.device)
     dataset = _build_dataset(args)
     num_classes = args.num_classes
@@ -199,6 +234,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[EvalResult]:
         args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, num_classes=num_classes
     )
     _check_classes(model, dataset, args)
+    _check_routings(model, args.routing)
     model.to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)

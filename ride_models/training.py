@@ -112,7 +112,7 @@ DISTILL_PRESETS = {"cifar": dict(warmup_epochs=20)}
 # Datasets with a validation split distinct from the test split: "best" is chosen on it.
 VALIDATION_DATASETS = {"imagenet_lt", "places_lt"}
 # Arguments a resumed run may change; every other one must match the interrupted run.
-RESUMABLE_CHANGES = {"resume", "epochs", "device", "workers", "log_interval", "output"}
+RESUMABLE_CHANGES = {"resume", "epochs", "device", "workers", "log_interval"}
 
 
 # ------------------------------------------------------------------------------------------------ flags
@@ -197,6 +197,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     config_parser.add_argument("-c", "--config", default="")
     config, remaining = config_parser.parse_known_args(argv)
     parser = build_parser()
+    values: Dict[str, Any] = {}
     if config.config:
         with open(config.config) as f:
             values = yaml.safe_load(f) or {}
@@ -206,7 +207,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.set_defaults(**values)
     args = parser.parse_args(remaining)
     args.config = config.config
-    args.explicit = sorted(k for k, v in vars(args).items() if v != parser.get_default(k))
+    # What the user set (on the command line or in the file), whatever its value: a flag given with its
+    # default value still counts (--resume refuses it where it differs from the run's).
+    unset = object()
+    given = build_parser().parse_args(remaining, argparse.Namespace(**dict.fromkeys(vars(args), unset)))
+    args.explicit = sorted({k for k, v in vars(given).items() if v is not unset} | set(values))
     return args
 
 
@@ -273,6 +278,8 @@ class Dist:
 
 def setup_distributed(device: str) -> Dist:
     """DDP when launched by torchrun (NCCL on GPUs, gloo on CPU); otherwise one process."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA device is available here; use --device cpu")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return Dist(device=torch.device(device))
@@ -379,7 +386,9 @@ def build_data(args: argparse.Namespace, d: Dist, model: Optional[nn.Module] = N
             sampler=sampler,
             drop_last=False,
             generator=generator,
-            persistent_workers=args.workers > 0,
+            # Workers start afresh each epoch, seeded from the epoch's generator: persistent ones would
+            # carry their random state over, and a resumed run would augment differently.
+            persistent_workers=False,
             **loader_kwargs,
         )
         eval_loaders = {
@@ -397,16 +406,22 @@ def build_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
             f"--num-classes {args.num_classes} does not match the dataset ({args.dataset}), which has "
             f"{num_classes} classes; leave --num-classes out to use the dataset's"
         )
-    model = timm.create_model(
-        args.model,
-        pretrained=args.pretrained,
-        num_classes=num_classes,
-        drop_rate=args.drop_rate,
-        drop_path_rate=args.drop_path,
-    )
+    try:
+        model = timm.create_model(
+            args.model,
+            pretrained=args.pretrained,
+            num_classes=num_classes,
+            drop_rate=args.drop_rate,
+            drop_path_rate=args.drop_path,
+        )
+    except RuntimeError as error:  # the pretrained weights are not on this machine
+        raise ValueError(f"--model {args.model} --pretrained: {error}") from error
     require_ride_model(model, args.model)
     if args.initial_checkpoint:
-        load_weights(model, args.initial_checkpoint)
+        try:
+            load_weights(model, args.initial_checkpoint)
+        except RuntimeError as error:  # the state dict does not fit (the message lists what differs)
+            raise ValueError(f"--initial-checkpoint {args.initial_checkpoint}: {error}") from error
     elif args.stage == "router" and not args.pretrained and not args.resume:
         raise ValueError("--stage router trains the router of a stage-1 model: give --initial-checkpoint")
     return model
@@ -436,10 +451,13 @@ def build_loss(args: argparse.Namespace, class_counts: Sequence[int]) -> nn.Modu
     if "drw_epoch" in accepted and (accepted["drw_epoch"] is not None or "drw_epoch" in args.explicit):
         kwargs["drw_epoch"] = args.drw_epoch
     kwargs.update(_parse_loss_kwargs(args.loss_kwargs))
-    if args.stage == "distill":
-        own = {k: kwargs.pop(k) for k in list(kwargs) if k in loss_arguments("distill")}
-        return create_loss("distill", class_counts, base=args.loss, **own, **kwargs)
-    return create_loss(args.loss, class_counts, **kwargs)
+    try:
+        if args.stage == "distill":
+            own = {k: kwargs.pop(k) for k in list(kwargs) if k in loss_arguments("distill")}
+            return create_loss("distill", class_counts, base=args.loss, **own, **kwargs)
+        return create_loss(args.loss, class_counts, **kwargs)
+    except TypeError as error:  # an argument the loss does not take
+        raise ValueError(f"--loss {args.loss} --loss-kwargs {' '.join(args.loss_kwargs)}: {error}") from error
 
 
 def build_optimizer(
@@ -460,6 +478,19 @@ def _run_dir(args: argparse.Namespace) -> Path:
         run_dir = Path(args.output) / f"{name}-{suffix}"
         suffix += 1
     return run_dir
+
+
+def _check_new_run(args: argparse.Namespace) -> None:
+    """Flags of a new run that cannot work together, refused before anything is built."""
+    if args.epochs < 1:
+        raise ValueError(f"--epochs must be at least 1, got {args.epochs}")
+    if Path(args.output).exists() and not Path(args.output).is_dir():
+        raise ValueError(f"--output {args.output} is a file; give a folder (run folders are made inside it)")
+    if args.stage != "distill":
+        given = [flag for flag in ("teacher", "teacher_checkpoint") if getattr(args, flag)]
+        if given:
+            flags = " and ".join("--" + flag.replace("_", "-") for flag in given)
+            raise ValueError(f"{flags} only apply to --stage distill (this is --stage {args.stage})")
 
 
 def _restore_args(args: argparse.Namespace, saved: Dict[str, Any]) -> argparse.Namespace:
@@ -513,8 +544,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         state = load_training_state(args.resume)
         args = _restore_args(args, state["args"])
         run_dir = Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent
+        if args.epochs < state["epoch"]:
+            raise ValueError(
+                f"--epochs {args.epochs}: the run in {run_dir} has already trained {state['epoch']} epochs; "
+                f"give --epochs {state['epoch']} or more (equal: only the final evaluation)"
+            )
     else:
         args = resolve_defaults(args)
+        _check_new_run(args)
         run_dir = _run_dir(args)
     _setup_logging(None, d.is_main)
     if args.deterministic:
@@ -525,13 +562,19 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     if args.cuda_graph:
         _check_cuda_graph(args, d, amp_dtype)
 
-    # Data and models first: bad input stops here, before a run folder exists.
+    # Data, models and loss first: bad input stops here, before a run folder exists.
     seed_epoch(args.seed, 0)  # the same initial weights on every rank
-    with torch.device("meta"):  # only its pretrained_cfg (input size, mean, std) is needed here
-        template = timm.create_model(args.model)
+    try:
+        with torch.device("meta"):  # only its pretrained_cfg (input size, mean, std) is needed here
+            template = timm.create_model(args.model)
+    except RuntimeError as error:  # timm: unknown model
+        raise ValueError(
+            f"--model {args.model}: {error}; the RIDE models: timm.list_models('ride_*')"
+        ) from error
     data = build_data(args, d, model=template)
     model = build_model(args, data.num_classes)
     teacher = build_teacher(args, data.num_classes, d.device) if args.stage == "distill" else None
+    loss_fn = build_loss(args, data.class_counts)
 
     if d.world_size > 1:  # every rank writes into rank 0's folder
         shared = [str(run_dir)]
@@ -558,12 +601,18 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, args.lr, args.weight_decay, args.momentum)
-    loss_fn = build_loss(args, data.class_counts).to(d.device)
+    loss_fn = loss_fn.to(d.device)
     ema = timm.utils.ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
     scaler = torch.amp.GradScaler(d.device.type, enabled=amp_dtype == torch.float16)
     start_epoch, best, rows = 1, None, []
     if state is not None:
-        model.load_state_dict(state["model"])
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as error:  # the data changed since (another class count, for example)
+            raise ValueError(
+                f"--resume {args.resume}: the run's saved model does not fit the model built from its "
+                f"arguments now (has the data changed?): {error}"
+            ) from error
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         if ema is not None:

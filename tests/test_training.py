@@ -15,6 +15,7 @@ import pytest
 import timm
 import torch
 import yaml
+from PIL import Image
 from safetensors.torch import load_file
 
 import ride_models  # noqa: F401
@@ -126,6 +127,33 @@ def test_exact_resume_after_a_kill(tmp_path):
     assert [r["train_loss"] for r in rows] == [r["train_loss"] for r in straight]
 
 
+def _image_tree(root: Path, counts: dict) -> Path:
+    """A small ImageFolder tree of random 32x32 images (train/ and 2 test/ images per class), which train.py
+    reads through DataLoader workers."""
+    gen = torch.Generator().manual_seed(0)
+    for split, cls, n in [*(("train", c, n) for c, n in counts.items()), *(("test", c, 2) for c in counts)]:
+        (root / split / cls).mkdir(parents=True)
+        for k in range(n):
+            pixels = torch.randint(0, 256, (32, 32, 3), generator=gen, dtype=torch.uint8).numpy()
+            Image.fromarray(pixels).save(root / split / cls / f"{k:03d}.png")
+    return root
+
+
+def test_exact_resume_with_worker_processes(tmp_path):
+    """Images read by worker processes (-j 2) are augmented from the epoch's seed, not from what the
+    workers drew before: a run resumed after epoch 1 equals an uninterrupted one."""
+    data = _image_tree(tmp_path / "images", {"a": 24, "b": 12, "c": 6})
+    flags = [*FAST, "--workers", "2", "-b", "16", "--dataset", "folder", "--data-dir", str(data)]
+    training.main([*flags, "--epochs", "2", "--output", str(tmp_path), "--experiment", "straight"])
+    training.main([*flags, "--epochs", "1", "--output", str(tmp_path), "--experiment", "resumed"])
+    training.main(["--resume", str(tmp_path / "resumed"), "--epochs", "2"])
+    straight, resumed = _summary_rows(tmp_path / "straight"), _summary_rows(tmp_path / "resumed")
+    assert [r["train_loss"] for r in resumed] == [r["train_loss"] for r in straight]
+    assert _same_weights(
+        tmp_path / "straight" / "last.safetensors", tmp_path / "resumed" / "last.safetensors"
+    )
+
+
 def test_two_process_distributed_run(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(
@@ -202,9 +230,60 @@ def test_num_classes_must_match_the_dataset(tmp_path):
 
 
 def test_resume_refuses_changed_arguments(tmp_path):
-    _train(tmp_path, "r", "--epochs", "1")
+    _train(tmp_path, "r", "--epochs", "2")
+    run = str(tmp_path / "r")
     with pytest.raises(ValueError, match=r"--lr 0\.5 \(the run used 0\.1\)"):
-        training.main(["--resume", str(tmp_path / "r"), "--lr", "0.5"])
+        training.main(["--resume", run, "--lr", "0.5"])
+    # A flag given with its default value still counts: the run used ride_resnet32_2e.
+    with pytest.raises(ValueError, match=r"--model 'ride_resnet32_3e' \(the run used 'ride_resnet32_2e'\)"):
+        training.main(["--resume", run, "--model", "ride_resnet32_3e"])
+    with pytest.raises(ValueError, match=r"--output .* \(the run used"):  # the run stays in its folder
+        training.main(["--resume", run, "--output", str(tmp_path / "elsewhere")])
+    with pytest.raises(ValueError, match="has already trained 2 epochs; give --epochs 2 or more"):
+        training.main(["--resume", run, "--epochs", "1"])
+    state = load_training_state(run)
+    del state["model"]["heads.0.weight"]
+    torch.save(state, tmp_path / "r" / "last_state.pt")
+    with pytest.raises(ValueError, match=r"(?s)the run's saved model does not fit .*heads\.0\.weight"):
+        training.main(["--resume", run, "--epochs", "3"])
+    assert not (tmp_path / "elsewhere").exists() and not (tmp_path / "r-1").exists()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (
+            ["--model", "ride_nothing"],
+            r"--model ride_nothing: Unknown model .* timm.list_models\('ride_\*'\)",
+        ),
+        (["--loss", "nosuch"], "nosuch"),
+        (["--loss-kwargs", "foo=1"], r"--loss ldam_diversity --loss-kwargs foo=1: .*unexpected keyword"),
+        (["--epochs", "0"], "--epochs must be at least 1, got 0"),
+        (["--teacher", "ride_resnet32_3e"], "--teacher only apply to --stage distill"),
+        (["--output", "FILE"], "is a file; give a folder"),
+    ],
+)
+def test_bad_input_stops_before_a_run_folder(tmp_path, flags, message):
+    (tmp_path / "FILE").write_text("not a folder")
+    flags = [str(tmp_path / "FILE") if f == "FILE" else f for f in flags]
+    with pytest.raises(ValueError, match=message):
+        training.main([*FAST, "--output", str(tmp_path / "out"), "--experiment", "x", *flags])
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_a_missing_cuda_device_is_named(tmp_path):
+    with pytest.raises(ValueError, match="--device cuda: no CUDA device is available here; use --device cpu"):
+        _train(tmp_path, "x", "--device", "cuda")
+
+
+def test_an_initial_checkpoint_that_does_not_fit_is_explained(tmp_path):
+    _train(tmp_path, "two", "--epochs", "1")
+    with pytest.raises(
+        ValueError, match=r"(?s)--initial-checkpoint .*experts: the state dict has 2, the model has 3"
+    ):
+        _train(tmp_path, "three", "--model", "ride_resnet32_3e", "--initial-checkpoint",
+               str(tmp_path / "two" / "last.safetensors"), "--epochs", "1")  # fmt: skip
 
 
 def test_unknown_config_key(tmp_path):

@@ -254,10 +254,33 @@ def test_bad_routing(digits_checkpoint, capsys):
     with pytest.raises(SystemExit):
         validate.main(["--routing", "some"])
     assert "'all', 'router' or a number of experts" in capsys.readouterr().err
+
+
+def test_bad_routing_stops_before_any_evaluation(digits_checkpoint, monkeypatch):
+    calls = []
+    monkeypatch.setattr(validate, "evaluate", lambda *a, **k: calls.append(k["routing"]))
     with pytest.raises(ValueError, match="k must be between 1 and 2"):
         validate.main(
-            ["--model", "ride_resnet32_2e", "--checkpoint", str(digits_checkpoint), "--routing", "3"]
+            ["--model", "ride_resnet32_2e", "--checkpoint", str(digits_checkpoint), "--routing", "all", "3"]
         )
+    assert calls == []
+
+
+@pytest.mark.parametrize(
+    "flag, target, message",
+    [
+        ("--results-file", "DIR", "is a folder; give a file name"),
+        ("--per-class-csv", "DIR", "is a folder; give a file name"),
+        ("--plot-dir", "FILE", "is a file; give a folder"),
+        ("--results-file", "FILE/results.json", "is a file, so nothing can be made in it"),
+    ],
+)
+def test_unwritable_output_paths_stop_before_any_evaluation(tmp_path, monkeypatch, flag, target, message):
+    (tmp_path / "DIR").mkdir()
+    (tmp_path / "FILE").write_text("")
+    monkeypatch.setattr(validate, "evaluate", lambda *a, **k: pytest.fail("evaluated"))
+    with pytest.raises(ValueError, match=message):
+        validate.main(["--model", "ride_resnet32_2e", flag, str(tmp_path / target)])
 
 
 def test_plots_without_matplotlib(monkeypatch):
