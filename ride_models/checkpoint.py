@@ -21,6 +21,7 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -36,14 +37,26 @@ __all__ = [
 ]
 
 
+def _umask() -> int:
+    """The process's umask. Reading it sets it, so it is set back at once (to a stricter mask meanwhile)."""
+    umask = os.umask(0o077)
+    os.umask(umask)
+    return umask
+
+
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` and move the result to ``path`` in one step (same filesystem)."""
+    """Call ``write(tmp_path)`` and move the result to ``path`` in one step (same filesystem).
+
+    The file gets the mode of any new file (``0o666`` less the umask), not the ``0o600`` of a temporary file
+    (mkstemp's, or safetensors' own), which ``os.replace`` would keep.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -68,7 +81,12 @@ def save_training_state(path: str | Path, state: Dict[str, Any]) -> None:
 
 
 def load_training_state(path: str | Path) -> Dict[str, Any]:
-    """Read a training state written by :func:`save_training_state` (no code execution)."""
+    """Read a training state written by :func:`save_training_state` (no code execution).
+
+    Raises:
+        FileNotFoundError: no such file, or a folder without ``last_state.pt``.
+        ValueError: a weights file (``.safetensors``) instead; a truncated or corrupted file.
+    """
     path = Path(path)
     if path.is_dir():
         path = path / "last_state.pt"
@@ -76,7 +94,27 @@ def load_training_state(path: str | Path) -> Dict[str, Any]:
         raise FileNotFoundError(
             f"no training state at {path}: --resume takes a run folder or its last_state.pt"
         )
-    return torch.load(path, map_location="cpu", weights_only=True)
+    resume_takes = "--resume takes the run folder (or its last_state.pt)"
+    if path.suffix == ".safetensors":
+        raise ValueError(
+            f"{path} holds weights only: {resume_takes}, which also has the optimizer, epoch and arguments; "
+            "to start a new run from these weights, use --initial-checkpoint"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (AttributeError, ImportError, NameError):  # a torch API missing here, not a damaged file
+        raise
+    except Exception as error:
+        raise _unreadable(
+            path,
+            error,
+            "a training state",
+            "the run's last saved state is lost: start the run again, or a new one from its last.safetensors "
+            "with --initial-checkpoint",
+        ) from error
+    if not isinstance(state, dict) or "args" not in state:
+        raise ValueError(f"{path} is not a training state written by train.py (no arguments): {resume_takes}")
+    return state
 
 
 # ------------------------------------------------------------------------------- safe unpickling
@@ -155,6 +193,21 @@ def _resolve_global(name: str) -> Any:
     )
 
 
+def _unreadable(
+    path: Path, error: Exception, what: str = "a checkpoint", fix: str = "download it again"
+) -> ValueError:
+    """The error for a truncated or corrupted file. torch's advice to reload with ``weights_only=False`` is
+    taken out of its message: meant for files that need code execution, it is wrong for a damaged one."""
+    reason = str(error).split("WeightsUnpickler error:")[-1].split("Check the documentation of torch.load")[0]
+    reason = re.sub(
+        r"Weights only load failed\.|In PyTorch 2\.6, we changed .*?trusted source\.", "", reason, flags=re.S
+    )
+    return ValueError(
+        f"{path} cannot be read as {what} (truncated or corrupted? {path.stat().st_size} bytes): "
+        f"{' '.join(reason.split()) or type(error).__name__}; {fix}"
+    )
+
+
 def safe_torch_load(path: str | Path) -> Any:
     """``torch.load`` of a file written by ``torch.save``, without executing code from it.
 
@@ -192,10 +245,7 @@ def safe_torch_load(path: str | Path) -> Any:
                 f"{path} would execute code when loaded ({unsafe.group(1).rstrip('.')}); refused: only "
                 "tensors, containers and objects rebuilt from plain data are read"
             ) from None
-        raise ValueError(
-            f"{path} cannot be read as a checkpoint (truncated or corrupted? {path.stat().st_size} bytes; "
-            f"download it again): {error}"
-        ) from error
+        raise _unreadable(path, error) from error
     return checkpoint
 
 
@@ -207,7 +257,10 @@ def read_state_dict(path: str | Path) -> Dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
-        return load_file(path)
+        try:
+            return load_file(path)
+        except SafetensorError as error:
+            raise _unreadable(path, error) from error
     checkpoint = safe_torch_load(path)
     if isinstance(checkpoint, dict):
         for key in ("state_dict", "model"):

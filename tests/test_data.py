@@ -453,6 +453,74 @@ def test_folder_errors(tmp_path: Path) -> None:
         create_dataset("folder", tmp_path, "training")
 
 
+# ------------------------------------------------------------------------------------------- image files
+
+
+def _image_list(paths: list[Path]) -> ImageListDataset:
+    return ImageListDataset(paths, [0] * len(paths), [len(paths)], ["any"], name="files", split="train")
+
+
+def _gray(*values: int) -> list[tuple[int, int, int]]:
+    return [(v, v, v) for v in values]
+
+
+def test_image_files_of_every_mode_load_as_8_bit_rgb(tmp_path: Path) -> None:
+    # 16-bit gray v becomes round(v / 257): 25700 -> 100, 32896 -> 128, 1000 -> 3.89 -> 4, 65535 -> 255.
+    sixteen, eight = np.array([[0, 25700, 32896, 1000, 65535]]), _gray(0, 100, 128, 4, 255)
+    palette = Image.new("P", (2, 1))
+    palette.putpalette([255, 0, 0, 0, 0, 255])
+    palette.putdata([0, 1])
+    cmyk = Image.new("CMYK", (3, 1))
+    cmyk.putdata([(0, 0, 0, 0), (255, 0, 0, 0), (0, 0, 0, 255)])  # white, cyan, black
+    cases = {  # file: (image, the modes Pillow may open it in, the expected RGB pixels)
+        "gray16.png": (Image.fromarray(sixteen.astype(np.uint16)), {"I;16", "I"}, eight),
+        "gray16b.tif": (Image.fromarray(sixteen.astype(">u2")), {"I;16B"}, eight),
+        "int32.tif": (Image.fromarray(sixteen.astype(np.int32)), {"I"}, eight),
+        "gray.png": (Image.fromarray(np.array([[0, 100, 255]], np.uint8)), {"L"}, _gray(0, 100, 255)),
+        "rgba.png": (Image.new("RGBA", (1, 1), (10, 20, 30, 40)), {"RGBA"}, [(10, 20, 30)]),
+        "palette.png": (palette, {"P"}, [(255, 0, 0), (0, 0, 255)]),
+        "bits.png": (Image.fromarray(np.array([[False, True]])), {"1"}, _gray(0, 255)),
+        "cmyk.tif": (cmyk, {"CMYK"}, [(255, 255, 255), (0, 255, 255), (0, 0, 0)]),
+    }
+    for name, (image, _, _) in cases.items():
+        image.save(tmp_path / name)
+    dataset = _image_list([tmp_path / name for name in cases])
+    for i, (name, (_, modes, pixels)) in enumerate(cases.items()):
+        with Image.open(tmp_path / name) as opened:
+            assert opened.mode in modes, name  # the file tests the mode it is meant to
+        loaded = dataset.load_image(i)
+        assert loaded.mode == "RGB" and np.asarray(loaded)[0].tolist() == [list(p) for p in pixels], name
+
+
+def test_unreadable_image_files_are_named(tmp_path: Path) -> None:
+    noise = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "full.jpg")
+    Image.fromarray(noise).save(tmp_path / "full.png")
+    jpeg, png = (tmp_path / "full.jpg").read_bytes(), (tmp_path / "full.png").read_bytes()
+    files = {
+        "half.jpg": jpeg[: len(jpeg) // 2],
+        "tail.jpg": jpeg[:-80],
+        "header.jpg": jpeg[:100],
+        "half.png": png[: len(png) // 2],
+        "text.jpg": b"not an image",
+    }
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+    dataset = _image_list([tmp_path / name for name in files])
+    for i, name in enumerate(files):
+        with pytest.raises(ValueError, match="remove or replace the file") as error:
+            dataset.load_image(i)
+        assert str(error.value).startswith(f"cannot read image {tmp_path / name}: "), name
+    # Pixels whose range is unknown are refused, not clipped.
+    Image.fromarray(np.array([[0.0, 0.5]], np.float32)).save(tmp_path / "float.tif")
+    Image.fromarray(np.array([[0, 70000]], np.int32)).save(tmp_path / "int32.tif")
+    dataset = _image_list([tmp_path / "float.tif", tmp_path / "int32.tif"])
+    with pytest.raises(ValueError, match=r"float\.tif has floating-point pixels \(mode F\) of unknown range"):
+        dataset.load_image(0)
+    with pytest.raises(ValueError, match=r"int32\.tif has 32-bit integer pixels \(0\.\.70000\), outside the"):
+        dataset.load_image(1)
+
+
 # ------------------------------------------------------------------------------------ embedded default
 
 

@@ -19,7 +19,14 @@ from safetensors.torch import load_file, save_file
 
 import ride_models  # noqa: F401
 from ride_models import hub, training
-from ride_models.checkpoint import load_model
+from ride_models.checkpoint import (
+    atomic_write,
+    load_model,
+    load_training_state,
+    read_state_dict,
+    save_training_state,
+    save_weights,
+)
 from ride_models.convert import convert_official_state_dict
 from ride_models.hub import UnsafeCheckpointError, read_official_checkpoint
 
@@ -299,10 +306,70 @@ def test_truncated_and_corrupted_files(tmp_path, official_ea):
         ("junk.pth", b"not a checkpoint"),
     ):
         (tmp_path / name).write_bytes(content)
-        with pytest.raises(ValueError, match=r"truncated or corrupted"):
+        with pytest.raises(ValueError, match=r"truncated or corrupted") as error:
             read_official_checkpoint(tmp_path / name)
+        # torch's advice to reload with weights_only=False is for files that need code execution, not these.
+        assert str(tmp_path / name) in str(error.value) and "weights_only" not in str(error.value)
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         read_official_checkpoint(tmp_path / "absent.pth")
+
+
+def test_truncated_and_corrupted_safetensors(tmp_path):
+    """validate.py --checkpoint, train.py --initial-checkpoint and --teacher-checkpoint read through here."""
+    save_weights(tmp_path / "w.safetensors", {"conv1.weight": torch.randn(16, 3, 3, 3), "w": torch.randn(99)})
+    data = (tmp_path / "w.safetensors").read_bytes()
+    for name, content in (
+        ("half.safetensors", data[: len(data) // 2]),
+        ("tail.safetensors", data[:-40]),
+        ("header.safetensors", data[:5]),  # shorter than the 8-byte header length
+        ("junk.safetensors", b"not a checkpoint"),
+    ):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ValueError, match=r"truncated or corrupted.*download it again") as error:
+            read_state_dict(tmp_path / name)
+        assert str(error.value).startswith(f"{tmp_path / name} cannot be read as a checkpoint")
+    with pytest.raises(ValueError, match="half.safetensors cannot be read"):
+        load_model(NAME, checkpoint=tmp_path / "half.safetensors")
+
+
+def test_resume_reads_only_a_sound_training_state(tmp_path):
+    run, weights = tmp_path / "run", {"conv1.weight": torch.randn(16, 3, 3, 3), "w": torch.randn(99)}
+    save_training_state(run / "last_state.pt", {"epoch": 3, "args": {"lr": 0.1}, "model": weights})
+    assert load_training_state(run)["epoch"] == 3
+    data = (run / "last_state.pt").read_bytes()
+    for content in (data[: len(data) // 2], data[:-40], b"not a training state"):
+        (run / "last_state.pt").write_bytes(content)
+        with pytest.raises(ValueError, match="cannot be read as a training state") as error:
+            load_training_state(run)
+        message = str(error.value)
+        assert str(run / "last_state.pt") in message and "the run's last saved state is lost" in message
+        assert "weights_only" not in message
+    # The weights of the run are not its training state (the README names last.safetensors).
+    save_weights(run / "last.safetensors", weights)
+    torch.save(weights, run / "weights.pt")
+    with pytest.raises(ValueError, match=r"holds weights only: --resume takes the run folder \(or its last"):
+        load_training_state(run / "last.safetensors")
+    with pytest.raises(
+        ValueError, match=r"weights\.pt is not a training state .*--resume takes the run folder"
+    ):
+        load_training_state(run / "weights.pt")
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX permissions")
+def test_written_files_follow_the_umask(tmp_path):
+    # A new file gets mode 0o666 less the umask: 0o644 under 0o022, 0o640 under 0o027, 0o664 under 0o002.
+    before = os.umask(0o022)
+    try:
+        for umask, mode in ((0o022, 0o644), (0o027, 0o640), (0o002, 0o664)):
+            os.umask(umask)
+            save_weights(tmp_path / "last.safetensors", {"w": torch.zeros(2)})
+            save_training_state(tmp_path / "last_state.pt", {"epoch": 1})
+            atomic_write(tmp_path / "summary.csv", lambda tmp: Path(tmp).write_text("epoch\n1\n"))
+            modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+            assert modes == dict.fromkeys(["last.safetensors", "last_state.pt", "summary.csv"], mode)
+            assert os.umask(umask) == umask  # reading it left it as it was
+    finally:
+        os.umask(before)
 
 
 def test_a_missing_torch_api_is_not_blamed_on_the_file(tmp_path, official_ea, monkeypatch):

@@ -147,8 +147,36 @@ class ImageListDataset(LongTailDataset):
         self.paths = [str(p) for p in paths]
 
     def load_image(self, index: int) -> Image.Image:
-        with Image.open(self.paths[index]) as img:
-            return img.convert("RGB")
+        path = self.paths[index]
+        try:
+            with Image.open(path) as img:
+                return _to_rgb(img, path)
+        except FileNotFoundError:
+            raise  # names the file already
+        except (OSError, SyntaxError) as error:  # Pillow: truncated, corrupted, or not an image
+            raise ValueError(f"cannot read image {path}: {error}; remove or replace the file") from error
+
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # "I": how older Pillow opens 16-bit PNGs
+
+
+def _to_rgb(img: Image.Image, path: str) -> Image.Image:
+    """``img`` as 8-bit RGB. 16-bit grayscale is scaled to 8 bits first: ``convert`` would clip it, turning
+    almost every pixel white."""
+    if img.mode in _SIXTEEN_BIT_MODES:
+        pixels = np.asarray(img)
+        if pixels.min() < 0 or pixels.max() > 65535:  # mode "I" holds 32 bits: beyond 16, no known scale
+            raise ValueError(
+                f"image {path} has 32-bit integer pixels ({pixels.min()}..{pixels.max()}), outside the "
+                "16-bit range 0..65535; save it with 8 or 16 bits per channel"
+            )
+        img = Image.fromarray(np.rint(pixels / 257).astype(np.uint8))  # 0..65535 -> 0..255
+    elif img.mode == "F":
+        raise ValueError(
+            f"image {path} has floating-point pixels (mode F) of unknown range; save it with 8 or 16 bits "
+            "per channel"
+        )
+    return img.convert("RGB")
 
 
 class ArrayDataset(LongTailDataset):
