@@ -490,7 +490,8 @@ def _check_new_run(args: argparse.Namespace) -> None:
         given = [flag for flag in ("teacher", "teacher_checkpoint") if getattr(args, flag)]
         if given:
             flags = " and ".join("--" + flag.replace("_", "-") for flag in given)
-            raise ValueError(f"{flags} only apply to --stage distill (this is --stage {args.stage})")
+            verb = "apply" if len(given) > 1 else "applies"
+            raise ValueError(f"{flags} only {verb} to --stage distill (this is --stage {args.stage})")
 
 
 def _restore_args(args: argparse.Namespace, saved: Dict[str, Any]) -> argparse.Namespace:

@@ -259,7 +259,7 @@ def test_resume_refuses_changed_arguments(tmp_path):
         (["--loss", "nosuch"], "nosuch"),
         (["--loss-kwargs", "foo=1"], r"--loss ldam_diversity --loss-kwargs foo=1: .*unexpected keyword"),
         (["--epochs", "0"], "--epochs must be at least 1, got 0"),
-        (["--teacher", "ride_resnet32_3e"], "--teacher only apply to --stage distill"),
+        (["--teacher", "ride_resnet32_3e"], "--teacher only applies to --stage distill"),
         (["--output", "FILE"], "is a file; give a folder"),
     ],
 )
