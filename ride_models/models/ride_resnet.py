@@ -792,8 +792,8 @@ class RIDEResNet(nn.Module):
         """``[B, C]`` logits; in train mode with ``set_expert_training(True)``, a :class:`RIDEOutput`.
 
         In eval mode the routing set by :meth:`set_routing` applies; training always uses every expert.
+        Every path checks the input in :meth:`forward_shared`.
         """
-        _check_input(x, self.in_chans)
         if not self.training and self.num_classes > 0:
             if self._use_router():
                 if torch.jit.is_scripting():
@@ -1108,25 +1108,24 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: RIDEResNet) -> Dict[
     if "state_dict" in state_dict and isinstance(state_dict["state_dict"], dict):
         state_dict = state_dict["state_dict"]
     cfg_classes = getattr(model, "pretrained_cfg", {}).get("num_classes", model.num_classes)
-    official = is_official_state_dict(state_dict)
+    timm_drops_heads = model.num_classes != cfg_classes
+    if is_official_state_dict(state_dict):
+        ours = official_to_our_keys(state_dict, model)
+        conv = ours.get("conv1.weight")
+        if not timm_drops_heads and (conv is None or conv.shape[1] == model.in_chans):
+            return convert_to_model(state_dict, model)  # the whole file loads: converted with every check
+        state_dict = ours
     head = state_dict.get("heads.0.weight")
-    if official:
-        conv = state_dict.get(next((k for k in state_dict if k.endswith("conv1.weight")), ""), None)
-        fits = model.num_classes == cfg_classes and (conv is None or conv.shape[1] == model.in_chans)
-        if fits:  # the whole file loads: convert it with every check
-            return convert_to_model(state_dict, model)
-        state_dict = official_to_our_keys(state_dict, model)
-        head = state_dict.get("heads.0.weight")
-    classes = None if head is None else int(head.shape[0])
-    if classes is not None and model.num_classes != cfg_classes:
-        if classes == model.num_classes:
-            warnings.warn(
-                f"the classifiers of these weights fit num_classes={classes}, but timm drops them because "
-                f"the pretrained config says {cfg_classes}; to keep them, add num_classes={classes} to "
-                "pretrained_cfg_overlay",
-                stacklevel=2,
-            )
-    if classes is not None and (classes != model.num_classes or model.num_classes != cfg_classes):
+    if head is None:
+        return state_dict
+    if timm_drops_heads and head.shape[0] == model.num_classes:
+        warnings.warn(
+            f"the classifiers of these weights fit num_classes={model.num_classes}, but timm drops them "
+            f"because the pretrained config says {cfg_classes}; to keep them, add "
+            f"num_classes={model.num_classes} to pretrained_cfg_overlay",
+            stacklevel=2,
+        )
+    if timm_drops_heads or head.shape[0] != model.num_classes:
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith("router.")}
     return state_dict
 
