@@ -39,6 +39,7 @@ from ride_models.data import (
 from ride_models.data.transforms import SMALL_IMAGE_CONFIGS
 from ride_models.flops import count_macs
 from ride_models.metrics import EvalResult, evaluate, format_table, parse_routing
+from ride_models.training import check_device
 
 __all__ = ["build_parser", "main", "parse_class_counts"]
 
@@ -220,8 +221,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[EvalResult]:
     """Run validate.py with ``argv`` (default: the command line); return one result per routing mode."""
     args = build_parser().parse_args(argv)
     _check_output_paths(args)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: no CUDA device is available here; use --device cpu")
+    check_device(args.device)
     device = torch.device(args.device)
     dataset = _build_dataset(args)
     num_classes = args.num_classes

@@ -69,6 +69,7 @@ __all__ = [
     "build_loss",
     "build_optimizer",
     "build_parser",
+    "check_device",
     "main",
     "parse_args",
     "resolve_defaults",
@@ -276,10 +277,15 @@ class Dist:
             dist.barrier()
 
 
-def setup_distributed(device: str) -> Dist:
-    """DDP when launched by torchrun (NCCL on GPUs, gloo on CPU); otherwise one process."""
+def check_device(device: str) -> None:
+    """Refuse ``--device cuda`` where there is no CUDA device (torch's own error names no flag)."""
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: no CUDA device is available here; use --device cpu")
+
+
+def setup_distributed(device: str) -> Dist:
+    """DDP when launched by torchrun (NCCL on GPUs, gloo on CPU); otherwise one process."""
+    check_device(device)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return Dist(device=torch.device(device))

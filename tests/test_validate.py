@@ -289,3 +289,9 @@ def test_plots_without_matplotlib(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # as if not installed
     with pytest.raises(ImportError, match="pip install matplotlib"):
         save_plots([object()], "unused")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_a_missing_cuda_device_is_named():
+    with pytest.raises(ValueError, match="--device cuda: no CUDA device is available here; use --device cpu"):
+        validate.main(["--device", "cuda"])
