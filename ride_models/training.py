@@ -581,6 +581,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     data = build_data(args, d, model=template)
     model = build_model(args, data.num_classes)
     teacher = build_teacher(args, data.num_classes, d.device) if args.stage == "distill" else None
+    if teacher is not None and teacher.num_experts <= model.num_experts:
+        _logger.warning(
+            f"warning: the teacher {args.teacher} has {teacher.num_experts} experts and the student "
+            f"{args.model} {model.num_experts}; RIDE distils from more experts into fewer"
+        )
     loss_fn = build_loss(args, data.class_counts)
 
     if d.world_size > 1:  # every rank writes into rank 0's folder

@@ -69,7 +69,7 @@ def test_train_py_on_the_embedded_default(tmp_path):
     model.load_state_dict(weights)
 
 
-def test_three_stages_chain(tmp_path):
+def test_three_stages_chain(tmp_path, capsys):
     """Experts (a 3-expert teacher), router, then distillation into 2 experts, each on short schedules."""
     _train(tmp_path, "experts", "--model", "ride_resnet32_3e", "--epochs", "2")
     stage1 = tmp_path / "experts" / "last.safetensors"
@@ -95,6 +95,14 @@ def test_three_stages_chain(tmp_path):
     assert distill["stage"] == "distill" and distill["test"][0]["experts_mean"] == 2.0
     state = load_training_state(tmp_path / "distill")
     assert state["args"]["warmup_epochs"] == 3  # the digits preset (CIFAR's distill preset warms up for 20)
+    assert "RIDE distils from more experts into fewer" not in capsys.readouterr().out
+
+    _train(tmp_path, "same_size", "--model", "ride_resnet32_3e", "--stage", "distill", "--teacher",
+           "ride_resnet32_3e", "--teacher-checkpoint", str(stage1), "--epochs", "1")  # fmt: skip
+    assert (
+        "the teacher ride_resnet32_3e has 3 experts and the student ride_resnet32_3e 3"
+        in capsys.readouterr().out
+    )
 
 
 def test_exact_resume_after_a_kill(tmp_path):
