@@ -56,6 +56,7 @@ from ride_models.data import (
     build_transform,
     create_dataset,
 )
+from ride_models.data.device_loader import RANK_SEED_STRIDE
 from ride_models.data.transforms import SMALL_IMAGE_CONFIGS
 from ride_models.engine import RouterTrainStep, make_step, train_one_epoch
 from ride_models.flops import count_macs
@@ -317,10 +318,11 @@ class Data:
     num_classes: int
     sampler: Any = None
     generator: Optional[torch.Generator] = None
+    rank: int = 0
 
     def set_epoch(self, seed: int, epoch: int) -> None:
-        if self.generator is not None:
-            self.generator.manual_seed(seed * 1_000_003 + epoch)
+        if self.generator is not None:  # the workers' seeds (their augmentation), and the shuffle
+            self.generator.manual_seed(seed * 1_000_003 + epoch + self.rank * RANK_SEED_STRIDE)
         # DeviceDataLoader passes the epoch on to its sampler; a DataLoader's sampler gets it here.
         target = self.train_loader if hasattr(self.train_loader, "set_epoch") else self.sampler
         if hasattr(target, "set_epoch"):
@@ -329,7 +331,8 @@ class Data:
 
 def _has_validation(args: argparse.Namespace) -> bool:
     if args.dataset == "folder":
-        return any(Path(args.data_dir or ".", name).is_dir() for name in ("val", "validation"))
+        root = Path(args.data_dir or ".").expanduser()
+        return any((root / name).is_dir() for name in ("val", "validation"))
     return args.dataset in VALIDATION_DATASETS
 
 
@@ -376,7 +379,13 @@ def build_data(args: argparse.Namespace, d: Dist, model: Optional[nn.Module] = N
     generator = None
     if small:
         train_loader = DeviceDataLoader.from_dataset(
-            train_set, args.batch_size, device=d.device, train=True, sampler=sampler, seed=args.seed
+            train_set,
+            args.batch_size,
+            device=d.device,
+            train=True,
+            sampler=sampler,
+            seed=args.seed,
+            rank=d.rank,
         )
         eval_loaders = {
             s: DeviceDataLoader.from_dataset(ds, args.batch_size, device=d.device, train=False)
@@ -401,7 +410,13 @@ def build_data(args: argparse.Namespace, d: Dist, model: Optional[nn.Module] = N
             s: DataLoader(ds, args.batch_size, shuffle=False, **loader_kwargs) for s, ds in eval_sets.items()
         }
     return Data(
-        train_loader, eval_loaders, list(train_set.class_counts), train_set.num_classes, sampler, generator
+        train_loader,
+        eval_loaders,
+        list(train_set.class_counts),
+        train_set.num_classes,
+        sampler,
+        generator,
+        rank=d.rank,
     )
 
 

@@ -17,10 +17,12 @@ import torch
 import yaml
 from PIL import Image
 from safetensors.torch import load_file
+from torch.utils.data import DistributedSampler
 
 import ride_models  # noqa: F401
 from ride_models import training
 from ride_models.checkpoint import load_training_state
+from ride_models.data import DIGITS_CONFIG, DeviceDataLoader
 from ride_models.engine import NonFiniteLossError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,6 +162,37 @@ def test_exact_resume_with_worker_processes(tmp_path):
     assert _same_weights(
         tmp_path / "straight" / "last.safetensors", tmp_path / "resumed" / "last.safetensors"
     )
+
+
+def test_each_rank_draws_its_own_augmentation(tmp_path):
+    """Every image is the same, so batches differ only by their augmentation: per rank, for both paths
+    (DataLoader workers seeded from the epoch's generator; the device-resident loader's own generator)."""
+    pixels = torch.randint(0, 256, (32, 32, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    for split, n in (("train", 16), ("test", 1)):
+        for cls in "ab":
+            (tmp_path / "tree" / split / cls).mkdir(parents=True)
+            for k in range(n):
+                Image.fromarray(pixels.numpy()).save(tmp_path / "tree" / split / cls / f"{k}.png")
+    flags = [*FAST, "--dataset", "folder", "--data-dir", str(tmp_path / "tree"), "-j", "1", "-b", "4"]
+
+    def first_batch(rank):
+        args = training.resolve_defaults(training.parse_args(flags))
+        data = training.build_data(args, training.Dist(rank, 2, 0, torch.device("cpu")))
+        training.seed_epoch(args.seed, 1, rank)
+        data.set_epoch(args.seed, 1)
+        return next(iter(data.train_loader))[0]
+
+    assert torch.equal(first_batch(0), first_batch(0)) and not torch.equal(first_batch(0), first_batch(1))
+
+    images = pixels.permute(2, 0, 1).expand(20, 3, 32, 32)
+    batches = []
+    for rank in (None, 0, 1):
+        sampler = DistributedSampler(range(20), 2, rank or 0, seed=0)
+        extra = {} if rank is None else {"rank": rank}
+        loader = DeviceDataLoader(images, [0] * 20, 4, DIGITS_CONFIG, sampler=sampler, **extra)
+        loader.set_epoch(1)
+        batches.append(next(iter(loader))[0])
+    assert torch.equal(batches[0], batches[1]) and not torch.equal(batches[1], batches[2])
 
 
 def test_two_process_distributed_run(tmp_path):
@@ -327,3 +360,10 @@ def test_cuda_graph_names_every_incompatible_option(tmp_path):
     for part in ("needs a CUDA device", "--stage experts", "--amp-dtype bfloat16", "--drop-path"):
         assert part in message
     assert not (tmp_path / "g").exists()  # stopped before a run folder was made
+
+
+def test_a_home_relative_data_dir_finds_its_validation_split(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "images" / "val").mkdir(parents=True)
+    args = training.parse_args(["--dataset", "folder", "--data-dir", "~/images"])
+    assert training._has_validation(args)

@@ -96,6 +96,10 @@ def augment_batch(images: torch.Tensor, config: SmallImageConfig, generator: tor
     return x
 
 
+# Added per rank to an epoch's seed: above any epoch count, so no two (epoch, rank) pairs share a stream.
+RANK_SEED_STRIDE = 104_729
+
+
 class DeviceDataLoader:
     """Batches of a small-image dataset held on ``device`` as one uint8 tensor.
 
@@ -103,7 +107,7 @@ class DeviceDataLoader:
     ``sampler``'s if given (e.g. :class:`~ride_models.data.ClassBalancedSampler`, or
     ``DistributedSampler(range(N), ...)`` for plain distributed training), else a shuffle (``shuffle``)
     or the dataset order. Call :meth:`set_epoch` every epoch: order and augmentation are functions of
-    ``(seed, epoch)`` only, so an epoch replays exactly (resume).
+    ``(seed, epoch, rank)`` only, so an epoch replays exactly (resume).
 
     Args:
         images: ``[N, H, W, 3]`` uint8 array (torchvision's CIFAR layout) or ``[N, 3, H, W]`` uint8 tensor.
@@ -116,6 +120,7 @@ class DeviceDataLoader:
         drop_last: drop the last, smaller batch.
         sampler: the order of indices; must have ``__len__``; its ``set_epoch`` is called by ours.
         seed: base seed of shuffle and augmentation.
+        rank: the process's rank in distributed training: each rank draws its own augmentation.
     """
 
     def __init__(
@@ -131,6 +136,7 @@ class DeviceDataLoader:
         drop_last: bool = False,
         sampler: Sampler[int] | None = None,
         seed: int = 0,
+        rank: int = 0,
     ) -> None:
         if isinstance(images, np.ndarray):
             images = torch.from_numpy(images).permute(0, 3, 1, 2)  # [N, H, W, 3] -> [N, 3, H, W]
@@ -153,6 +159,7 @@ class DeviceDataLoader:
         self.drop_last = drop_last
         self.sampler = sampler
         self.seed = seed
+        self.rank = rank
         self.epoch = 0
         # Normalising as (x / 255 - mean) / std, the order of ToTensor + Normalize, gives the same floats.
         self._mean = torch.tensor(config.mean, device=self.device).view(1, 3, 1, 1)
@@ -205,8 +212,8 @@ class DeviceDataLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = self._order().to(self.device)
         generator = torch.Generator(device=self.device)
-        # Distinct from the shuffle's stream (seed + epoch), yet a function of (seed, epoch) only.
-        generator.manual_seed((self.seed + 1) * 1_000_003 + self.epoch)
+        # Distinct from the shuffle's stream (seed + epoch), yet a function of (seed, epoch, rank) only.
+        generator.manual_seed((self.seed + 1) * 1_000_003 + self.epoch + self.rank * RANK_SEED_STRIDE)
         for i in range(len(self)):
             idx = order[i * self.batch_size : (i + 1) * self.batch_size]
             x = self.images[idx]  # [B, 3, H, W] uint8
