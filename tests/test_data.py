@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import shutil
 import tempfile
 import zipfile
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torchvision
 from PIL import Image
 
 from ride_models.data import (
@@ -28,6 +30,7 @@ from ride_models.data import (
     ImageListDataset,
     cifar_lt_indices,
     create_dataset,
+    load_class_counts,
     long_tail_counts,
     read_split_file,
     select_per_class,
@@ -567,3 +570,46 @@ def test_labels_outside_range_and_bad_ratios() -> None:
     with pytest.raises(ValueError, match="has 2 images but the long-tail profile asks for 3"):
         select_per_class([0, 0, 0, 1, 1], [3, 3])
     assert torch.tensor(create_dataset("digits_lt").targets).max() == 9
+
+
+def test_folder_trees_are_read_as_imagefolder_reads_them(tmp_path: Path) -> None:
+    """Images in nested folders count, as with torchvision's ImageFolder; hidden files and folders (macOS's
+    ._name.jpg, .ipynb_checkpoints) do not."""
+    _write_folder(tmp_path / "train", {"a": 3, "b": 2})
+    _write_folder(tmp_path / "train" / "b" / "nested", {"deeper": 2})
+    (tmp_path / "train" / "a" / "._00.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    _write_folder(tmp_path / "train" / ".ipynb_checkpoints", {"x": 1})
+    _write_folder(tmp_path / "train" / "a" / ".cache", {"y": 1})
+    dataset = create_dataset("folder", tmp_path)
+    reference = torchvision.datasets.ImageFolder(str(tmp_path / "train"))
+    assert dataset.classes == ["a", "b"] and dataset.class_counts == [3, 4]
+    assert sorted(dataset.paths) == sorted(p for p, _ in reference.samples if "/." not in p)
+    assert all("/." not in p for p in dataset.paths)
+
+
+def test_the_ratio_advised_for_a_too_steep_tail_works() -> None:
+    for img_max in (49, 98, 103, 107, 161, 50, 500):
+        with pytest.raises(ValueError) as err:
+            long_tail_counts(10, img_max, img_max * 2)
+        advised = float(re.search(r"at most ([\d.]+)", str(err.value)).group(1))
+        assert (
+            long_tail_counts(10, img_max, advised)[-1] >= 1
+        )  # the advice works, and is the largest whole one
+        with pytest.raises(ValueError, match="no image"):
+            long_tail_counts(10, img_max, advised + 1)
+
+
+def test_class_counts_must_be_whole_numbers(tmp_path: Path) -> None:
+    assert load_class_counts(np.array([3, 2]), 2) == [3, 2] and load_class_counts([3.0, 2], 2) == [3, 2]
+    path = tmp_path / "counts.json"
+    for bad in ('{"a": 1}', "[2.9, 1]", "[-1, 2]", '["a", 1]'):
+        path.write_text(bad)
+        with pytest.raises(ValueError, match=r"counts.json must be a list of training images per class"):
+            load_class_counts(path, 2)
+
+
+def test_a_split_file_with_a_byte_order_mark(tmp_path: Path) -> None:
+    path = tmp_path / "split.txt"
+    path.write_text("train/a/0.png 0\ntrain/b/0.png 1\n", encoding="utf-8-sig")
+    paths, labels = read_split_file(path, num_classes=2)
+    assert paths[0] == "train/a/0.png" and list(labels) == [0, 1]

@@ -24,6 +24,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -98,7 +99,8 @@ class LongTailDataset(torch.utils.data.Dataset):
         if empty:
             raise ValueError(
                 f"{name}: classes {empty[:10]} have no training image ({len(empty)} in all); every class "
-                "needs at least one (remove the empty class or lower the imbalance ratio)"
+                "needs at least one (check the training split or the class counts given; for a tree of "
+                "your own, remove the empty class or lower the imbalance ratio)"
             )
 
     def __len__(self) -> int:
@@ -395,7 +397,7 @@ def scan_image_folder(
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"image folder {directory} does not exist")
-    found = sorted(e.name for e in os.scandir(directory) if e.is_dir())
+    found = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
     every_class_needed = classes is None  # a training tree: an empty class is an error
     if classes is None:
         if not found:
@@ -412,15 +414,7 @@ def scan_image_folder(
     targets: list[int] = []
     for c, cls in enumerate(classes):
         class_dir = directory / cls
-        files = (
-            sorted(
-                e.path
-                for e in os.scandir(class_dir)
-                if e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS)
-            )
-            if class_dir.is_dir()
-            else []
-        )
+        files = _image_files(class_dir) if class_dir.is_dir() else []
         if not files and every_class_needed:
             raise ValueError(
                 f"class folder {class_dir} holds no image (looked for files ending {IMG_EXTENSIONS})"
@@ -428,6 +422,20 @@ def scan_image_folder(
         paths += files
         targets += [c] * len(files)
     return paths, targets, list(classes)
+
+
+def _image_files(folder: Path) -> list[str]:
+    """The image files under ``folder`` at any depth, as torchvision's ImageFolder finds them, sorted; hidden
+    files and folders (``.ipynb_checkpoints``, macOS's ``._name.jpg``) and broken links are skipped."""
+    files = []
+    for parent, folders, names in os.walk(folder, followlinks=True):
+        folders[:] = [name for name in folders if not name.startswith(".")]
+        files += [
+            path
+            for path in (os.path.join(parent, name) for name in names if not name.startswith("."))
+            if path.lower().endswith(IMG_EXTENSIONS) and os.path.isfile(path)
+        ]
+    return sorted(files)
 
 
 _SPLIT_FOLDER_NAMES = {"train": ("train",), "val": ("val", "validation", "test"), "test": ("test", "val")}
@@ -511,7 +519,7 @@ def read_split_file(path: str | Path, num_classes: int) -> tuple[list[str], list
         raise FileNotFoundError(f"split file {path.name} not found (looked at {path})")
     paths: list[str] = []
     labels: list[int] = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not part of the first path
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -536,6 +544,17 @@ def read_split_file(path: str | Path, num_classes: int) -> tuple[list[str], list
     return paths, labels
 
 
+def _whole(n: Any) -> int | None:
+    """``n`` as an int if it is a whole number >= 0 (int, numpy or tensor scalar, 500.0), else None."""
+    if isinstance(n, bool):
+        return None
+    try:
+        value = float(n)
+    except (TypeError, ValueError):
+        return None
+    return int(value) if value.is_integer() and value >= 0 else None
+
+
 def load_class_counts(source: Sequence[int] | str | Path, num_classes: int) -> list[int]:
     """Training class counts from a list, or a JSON file holding one (``ImageNet_LT_train_cls_freq.json``)."""
     if isinstance(source, (str, Path)):
@@ -543,7 +562,14 @@ def load_class_counts(source: Sequence[int] | str | Path, num_classes: int) -> l
         if not path.is_file():
             raise FileNotFoundError(f"class counts file {path} not found")
         source = json.loads(path.read_text())
-    counts = [int(n) for n in source]
+    else:
+        path = "the class counts"
+    counts = None if isinstance(source, (str, bytes, dict)) else [_whole(n) for n in source]
+    if counts is None or None in counts:
+        raise ValueError(
+            f"{path} must be a list of training images per class (whole numbers, >= 0), "
+            f"e.g. [500, 477, ...]; got {str(source)[:80]}"
+        )
     if len(counts) != num_classes:
         raise ValueError(f"class counts have {len(counts)} entries, expected one per class ({num_classes})")
     return counts

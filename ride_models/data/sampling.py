@@ -29,7 +29,7 @@ def check_ratio(ratio: float) -> float:
     if not ratio >= 1.0:  # also rejects NaN
         raise ValueError(
             f"imbalance ratio must be >= 1 (largest class / smallest class), got {ratio}; "
-            "ratio 100 keeps 1% of the head class's images in the last class, ratio 1 keeps every class whole"
+            "ratio 100 gives the last class 1% of the head class's images, ratio 1 gives every class as many"
         )
     return ratio
 
@@ -62,9 +62,18 @@ def long_tail_counts(num_classes: int, img_max: float, ratio: float) -> list[int
         empty = sum(n < 1 for n in counts)
         raise ValueError(
             f"imbalance ratio {ratio} with {img_max} images in the head class leaves the last {empty} of "
-            f"{num_classes} classes with no image; use a smaller ratio (at most {img_max:g})"
+            f"{num_classes} classes with no image; use a smaller ratio (at most {_largest_ratio(img_max):g})"
         )
     return counts
+
+
+def _largest_ratio(img_max: float) -> float:
+    """The largest whole ratio that leaves the tail class an image: ``img_max`` itself unless float
+    rounding of ``img_max * (1 / ratio)`` truncates that to 0 (49 * (1 / 49) is 0.999...)."""
+    ratio = max(float(int(img_max)), 1.0)
+    while ratio > 1.0 and int(img_max * (1.0 / ratio)) < 1:
+        ratio -= 1.0
+    return ratio
 
 
 def as_labels(labels: Sequence[int] | np.ndarray, num_classes: int | None = None) -> np.ndarray:
