@@ -32,6 +32,7 @@ from torch import nn
 
 from ride_models.checkpoint import UnsafeCheckpointError, load_model, safe_torch_load
 from ride_models.convert import convert_official_state_dict
+from ride_models.data.transforms import SMALL_IMAGE_CONFIGS
 from ride_models.flops import count_macs
 from ride_models.models.ride_resnet import HUB_ORG, PUBLISHED_CHECKPOINTS
 
@@ -219,6 +220,22 @@ def _apply_published_cfg(model: nn.Module, name_tag: str) -> None:
     model.pretrained_cfg = model.default_cfg = cfg
 
 
+# What identifies the zoo entry a model's config defaults to (timm gives a model its first tag's config).
+_ZOO_FIELDS = ("tag", "hf_hub_id", "description", "origin_url")
+
+
+def _apply_own_cfg(model: nn.Module, dataset: Optional[str] = None) -> None:
+    """Weights that are not a zoo entry: the config keeps the architecture's fields but none of the zoo
+    entry's, and takes the normalisation and size of the small-image dataset it trained on (train.py
+    normalises those with the dataset's own statistics, not the config's)."""
+    cfg = {k: v for k, v in model.pretrained_cfg.items() if k not in _ZOO_FIELDS}
+    small = SMALL_IMAGE_CONFIGS.get(dataset or "")
+    if small is not None:
+        size = (cfg.get("input_size", (3,))[0], small.size, small.size)
+        cfg.update(mean=tuple(small.mean), std=tuple(small.std), input_size=size, crop_pct=1.0)
+    model.pretrained_cfg = model.default_cfg = cfg
+
+
 def convert_official_checkpoint(
     checkpoint: str | Path, model_name: str, out_dir: str | Path, *, tag: Optional[str] = None
 ) -> Path:
@@ -242,6 +259,7 @@ def convert_official_checkpoint(
         dataset, recipe, origin = zoo.dataset, f"{zoo.recipe}, by the RIDE authors", zoo.origin_url
         source = "As reported by the official RIDE model zoo (MODEL_ZOO.md) for this checkpoint."
     else:
+        _apply_own_cfg(model)
         rows, dataset, recipe = [], "(not given)", "by the RIDE authors"
         origin, source = f"official RIDE checkpoint {Path(checkpoint).name}", ""
     card = model_card(
@@ -299,6 +317,8 @@ def export_run(
     model = load_model(args["model"], checkpoint=run_dir / weights)
     if name_tag is not None:
         _apply_published_cfg(model, name_tag)
+    else:
+        _apply_own_cfg(model, args["dataset"])
     recipe = (
         f"ride-models train.py, stage {args['stage']}, loss {args['loss']}, {args['epochs']} epochs, "
         f"lr {args['lr']}, batch {args['batch_size']}, seed {args['seed']}"

@@ -245,6 +245,12 @@ def test_export_a_training_run(tmp_path):
     assert (
         f"| all | {results['top1']:.1f} |" in card and "digits_lt" in card and "ride-models train.py" in card
     )
+    # Not a zoo entry: the digits' own normalisation, and nothing of the default tag's identity.
+    config = json.loads((Path(out) / "config.json").read_text())["pretrained_cfg"]
+    digits = ride_models.data.DIGITS_CONFIG
+    assert tuple(config["mean"]) == tuple(digits.mean) and tuple(config["std"]) == tuple(digits.std)
+    assert not {"tag", "hf_hub_id", "description", "origin_url"} & set(config)
+    assert tuple(timm.data.resolve_model_data_config(model)["mean"]) == tuple(digits.mean)
 
 
 def test_push_uploads_with_the_token_from_the_environment(converted, monkeypatch):
