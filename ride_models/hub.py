@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+import timm
 import torch
 import yaml
 from timm.models import get_pretrained_cfg, save_for_hf
@@ -72,9 +73,14 @@ def read_official_checkpoint(path: str | Path) -> Dict[str, Any]:
     """
     checkpoint = safe_torch_load(path)
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
-        keys = sorted(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        if isinstance(checkpoint, dict):
+            keys = sorted(map(str, checkpoint))
+            found = f"{len(keys)} keys: {', '.join(keys[:5])}{', ...' if len(keys) > 5 else ''}"
+        else:
+            found = type(checkpoint).__name__
         raise ValueError(
-            f"{path} is not an official RIDE training checkpoint: no 'state_dict' (found {keys})"
+            f"{path} is not an official RIDE training checkpoint: no 'state_dict' (found {found}); a bare "
+            "state dict converts in Python with ride_models.convert.convert_official_state_dict"
         )
     return checkpoint
 
@@ -236,15 +242,36 @@ def _apply_own_cfg(model: nn.Module, dataset: Optional[str] = None) -> None:
     model.pretrained_cfg = model.default_cfg = cfg
 
 
+def _check_fits_tag(model: nn.Module, name_tag: str, checkpoint: str | Path) -> None:
+    """Refuse a checkpoint that is not the zoo entry ``name_tag`` describes (its card would be false)."""
+    cfg, zoo = get_pretrained_cfg(name_tag), PUBLISHED_CHECKPOINTS[name_tag]
+    problems = []
+    if model.num_classes != cfg.num_classes:
+        problems.append(f"{model.num_classes} classes, the tag's dataset has {cfg.num_classes}")
+    if model.router.is_trained != zoo.routed:
+        has = "a trained router (an EA checkpoint)" if model.router.is_trained else "no router weights"
+        problems.append(f"{has}, where the tag's checkpoint has {'one' if zoo.routed else 'none'}")
+    if problems:
+        raise ValueError(
+            f"{checkpoint} is not the checkpoint of {name_tag}: it has {'; '.join(problems)}. Check the "
+            "file, or convert without --tag"
+        )
+
+
 def convert_official_checkpoint(
     checkpoint: str | Path, model_name: str, out_dir: str | Path, *, tag: Optional[str] = None
 ) -> Path:
     """Convert an official RIDE checkpoint into a published folder (weights, config.json, model card)."""
+    if model_name not in timm.list_models("ride_*"):
+        raise ValueError(
+            f"--model {model_name}: not a RIDE model; the RIDE models: timm.list_models('ride_*')"
+        )
     name_tag = _published(model_name, tag)
     raw = read_official_checkpoint(checkpoint)
     state_dict = convert_official_state_dict(raw["state_dict"], model_name)
     model = load_model(model_name, checkpoint=state_dict)
     if name_tag is not None:
+        _check_fits_tag(model, name_tag, checkpoint)
         _apply_published_cfg(model, name_tag)
         zoo = PUBLISHED_CHECKPOINTS[name_tag]
         rows = [
@@ -276,7 +303,10 @@ def convert_official_checkpoint(
 
 
 def _results_rows(path: Path) -> List[Dict[str, Any]]:
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not JSON ({error}): expected validate.py's --results-file") from error
     if isinstance(data, dict) and "test" in data:  # train.py's results.json
         return list(data["test"])
     return data if isinstance(data, list) else [data]  # validate.py: one dict or a list
@@ -305,6 +335,13 @@ def export_run(
     if not args_file.is_file():
         raise FileNotFoundError(f"{run_dir} is not a train.py run folder: no args.yaml")
     args = yaml.safe_load(args_file.read_text())
+    missing = [
+        k
+        for k in ("model", "dataset", "stage", "loss", "epochs", "lr", "batch_size", "seed")
+        if k not in args
+    ]
+    if missing:
+        raise ValueError(f"{args_file} lacks {', '.join(missing)}: not written by this version of train.py")
     weights = weights or (
         "best.safetensors" if (run_dir / "best.safetensors").is_file() else "last.safetensors"
     )
@@ -351,8 +388,15 @@ def push_folder(
             "no Hugging Face token: set HF_TOKEN (a token with write access to the organisation)"
         )
     api = huggingface_hub.HfApi(token=token)
-    api.create_repo(repo_id, exist_ok=True, private=private)
-    commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message="Upload RIDE weights")
+    try:
+        api.create_repo(repo_id, exist_ok=True, private=private)
+        commit = api.upload_folder(
+            folder_path=str(folder), repo_id=repo_id, commit_message="Upload RIDE weights"
+        )
+    except Exception as error:  # offline, no connection, refused token: huggingface_hub's or httpx's errors
+        raise ConnectionError(
+            f"uploading {folder} to {repo_id} failed: {type(error).__name__}: {error}"
+        ) from error
     return str(getattr(commit, "commit_url", commit))
 
 
@@ -390,5 +434,5 @@ def main(argv: Optional[Sequence[str]] = None) -> Any:
 if __name__ == "__main__":
     try:
         main()
-    except (FileNotFoundError, ValueError) as error:
+    except (OSError, ValueError) as error:  # FileNotFoundError, ConnectionError (push) included
         sys.exit(f"ride_models.hub: error: {error}")

@@ -457,3 +457,31 @@ def test_write_folder_keeps_the_input_channels_and_the_mode(tmp_path):
     loaded = timm.create_model(f"local-dir:{tmp_path / 'backbone'}", pretrained=True)
     assert loaded.num_classes == 0
     assert all(torch.equal(v, backbone.state_dict()[k]) for k, v in loaded.state_dict().items())
+
+
+def test_a_checkpoint_that_is_not_the_tags_is_refused(tmp_path, official_ea):
+    stage1 = {k: v for k, v in official_ea.items() if "expert_help_pred" not in k}
+    ten = {k: (v[:, :10].contiguous() if ".linears." in k else v) for k, v in stage1.items()}
+    for name, state_dict, problem in (
+        ("stage1.pth", stage1, "no router weights, where the tag's checkpoint has one"),
+        ("ten.pth", ten, "10 classes, the tag's dataset has 100"),
+    ):
+        pth = _official_pth(tmp_path, state_dict, name)
+        with pytest.raises(ValueError, match=f"is not the checkpoint of {NAME}.{TAG}: it has {problem}"):
+            hub.main(["convert", str(pth), "--model", NAME, "--tag", TAG, "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
+
+
+def test_hub_command_line_errors_are_short_and_named(tmp_path, official_ea):
+    with pytest.raises(ValueError, match="--model ride_resnet99_4e: not a RIDE model"):
+        hub.main(["convert", "any.pth", "--model", "ride_resnet99_4e", "--out", str(tmp_path / "x")])
+    bare = tmp_path / "bare.pth"
+    torch.save(official_ea, bare)  # a state dict, not a training checkpoint
+    with pytest.raises(ValueError) as err:
+        hub.main(["convert", str(bare), "--model", NAME, "--out", str(tmp_path / "x")])
+    assert f"found {len(official_ea)} keys: " in str(err.value) and len(str(err.value)) < 600
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "args.yaml").write_text("model: ride_resnet32_2e\n")
+    with pytest.raises(ValueError, match="lacks dataset, stage, loss, epochs"):
+        hub.main(["export", str(run), "--out", str(tmp_path / "y")])
