@@ -59,7 +59,7 @@ from ride_models.engine import make_step, train_one_epoch  # noqa: E402
 from ride_models.losses import create_loss  # noqa: E402
 from ride_models.metrics import evaluate  # noqa: E402
 from ride_models.scheduler import lr_at_epoch  # noqa: E402
-from ride_models.training import PRESETS, build_optimizer  # noqa: E402
+from ride_models.training import PRESETS, build_optimizer, check_device  # noqa: E402
 
 DEFAULT_DATA_DIR = _ROOT.parent / "shared" / "data" / "cifar10"
 PER_CLASS = 5000  # CIFAR-10 training images per class
@@ -181,11 +181,18 @@ def time_expert_pass(model, loss_fn, recipe, loader, device, amp_dtype, cuda_gra
     return times
 
 
+def _positive(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--epochs", type=int, default=200)
+    parser.add_argument("--epochs", type=_positive, default=200)
     parser.add_argument("--model", default="ride_resnet32_4e")
     parser.add_argument("--amp", choices=("bf16", "none"), default=None, help="default: bf16 on CUDA")
     parser.add_argument("--fused", choices=("auto", "on", "off"), default="auto")
@@ -200,13 +207,16 @@ def main(argv=None) -> dict:
         help="experts at the full ResNet-32 widths 32/64 (the official reduce_dimension=False) instead of "
         "the recipe's 24/48: more MACs; an experiment, not the official CIFAR recipe",
     )  # fmt: skip
-    parser.add_argument("--log-every", type=int, default=10, help="epochs between printed losses")
+    parser.add_argument("--log-every", type=_positive, default=10, help="epochs between printed losses")
     parser.add_argument(
         "--eval-every", type=int, default=0,
         help="also evaluate on the test set every N epochs (an accuracy curve; its time counts in the total)",
     )  # fmt: skip
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
+    check_device(args.device)  # before minutes of decoding, not after
+    if args.json:  # an unwritable path fails now, not after the run
+        args.json.parent.mkdir(parents=True, exist_ok=True)
 
     start = time.perf_counter()
     device = torch.device(args.device)
@@ -308,4 +318,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as error:  # bad input: one line, no traceback
+        sys.exit(f"cifar_lt_speedrun.py: error: {error}")

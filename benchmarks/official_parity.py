@@ -230,6 +230,8 @@ def main(argv=None) -> dict:
     )
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
+    if args.json:  # an unwritable path fails now, not after the run
+        args.json.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     results = run(args)
     out = dict(
@@ -243,4 +245,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as error:  # bad input: one line, no traceback
+        sys.exit(f"official_parity.py: error: {error}")

@@ -895,13 +895,14 @@ def profile_case(case: Case, iters: int, device: torch.device) -> List[Dict[str,
     ]
 
 
-def profile_table(case: Case) -> str:
-    mode = f"{case.mode}, batch {case.batch}, {case.precision}" + (
-        ", channels-last" if case.channels_last else ""
+def profile_table(row: Dict[str, Any]) -> str:
+    """The profile of one row, titled as the row is labelled in the table (fused, folded, graphed...)."""
+    mode = f"{row['mode']}, batch {row['batch']}, {row['precision']}" + (
+        ", channels-last" if row["channels_last"] else ""
     )
-    lines = [f"profile of {case.label} ({mode}), the {PROFILE_ROWS} operators with the most self time:"]
+    lines = [f"profile of {row_label(row)} ({mode}), the {PROFILE_ROWS} operators with the most self time:"]
     lines += ["| operator | ms / iteration | share | calls / iteration |", "| --- | ---: | ---: | ---: |"]
-    for p in case.profile or []:
+    for p in row["profile"] or []:
         lines.append(f"| {p['name']} | {p['ms_per_iter']:.2f} | {p['share']:.1%} | {p['calls_per_iter']:g} |")
     return "\n".join(lines)
 
@@ -948,8 +949,8 @@ def add_ratios(rows: List[Dict[str, Any]], baseline: str) -> None:
         return (shares, *(row[k] for k in ("model", "mode", "batch", "precision", "channels_last")))
 
     def group(row: Dict[str, Any], impl: str) -> str:
-        # Our rows also by fold_bn: a routed row is compared with all experts computed the same way.
-        return f"ours, fold_bn {row['fold_bn']}" if impl == "ours" else impl
+        # Our rows also by fold_bn and fused: a routed row is compared with all experts computed the same way.
+        return f"ours, fold_bn {row['fold_bn']}, fused {row['fused']}" if impl == "ours" else impl
 
     by_impl: Dict[str, Dict[tuple, Dict[str, Any]]] = {}
     for row in rows:
@@ -984,6 +985,15 @@ def _fmt(value: Optional[float], spec: str) -> str:
 FUSED = {True: "fused", False: "unfused", None: "auto"}  # auto: the library's choice per call
 
 
+def row_label(r: Dict[str, Any]) -> str:
+    """A row's model label with how it ran: compiled, fused or not, batch norm folded or not, CUDA graph."""
+    notes = ["compiled"] if r["compiled"] else []
+    notes += [FUSED[r["fused"]]] if r["impl"] == "ours" else []
+    notes += ["BN not folded"] if r["fold_bn"] is False else []
+    notes += ["CUDA graph"] if r["cuda_graph"] else []
+    return r["label"] + (f" ({', '.join(notes)})" if notes else "")
+
+
 def markdown_table(rows: List[Dict[str, Any]]) -> str:
     header = (
         "| model | mode | routing | batch | precision | channels_last | images/s | GMACs/img | experts/img "
@@ -991,11 +1001,7 @@ def markdown_table(rows: List[Dict[str, Any]]) -> str:
     )
     lines = [header, "| --- | --- | --- | ---: | --- | --- |" + " ---: |" * 7]
     for r in rows:
-        notes = ["compiled"] if r["compiled"] else []
-        notes += [FUSED[r["fused"]]] if r["impl"] == "ours" else []
-        notes += ["BN not folded"] if r["fold_bn"] is False else []
-        notes += ["CUDA graph"] if r["cuda_graph"] else []
-        label = r["label"] + (f" ({', '.join(notes)})" if notes else "")
+        label = row_label(r)
         routing = r["routing"]
         if r["realized_shares"] is not None:
             routing += " (realized " + ",".join(f"{s:.3f}" for s in r["realized_shares"]) + ")"
@@ -1052,6 +1058,8 @@ def describe_machine(info: Dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------------------------- main
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = build_parser().parse_args(argv)
+    if args.json:  # an unwritable path fails now, not after the measurements
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -1083,9 +1091,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     add_ratios(rows, args.baseline)
     print()
     print(markdown_table(rows))
-    for case in cases if args.profile > 0 else []:
+    for row in rows if args.profile > 0 else []:
         print()
-        print(profile_table(case))
+        print(profile_table(row))
     result = dict(machine=info, args=vars(args), rows=rows)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -1096,4 +1104,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as error:  # bad input: one line, no traceback
+        sys.exit(f"throughput.py: error: {error}")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import timm
+import torch
 
 from ride_models.flops import count_macs
 
@@ -135,6 +136,25 @@ def test_ratios_pair_rows_of_the_same_format_and_the_shipped_official(throughput
     assert rows[2]["ratio_vs_official_shipped"] is None  # only our rows get ratios
 
 
+def test_routed_rows_are_compared_with_all_experts_computed_the_same_way(throughput):
+    def row(mode, fused, ips):
+        base = dict.fromkeys(throughput.ROW_KEYS)
+        base.update(impl="ours", model="ride_resnet32_4e", family="resnet32", mode=mode, batch=4,
+                    precision="fp32", channels_last=False, fold_bn=True, fused=fused, images_per_s=ips,
+                    route_shares=[0.5, 0.5, 0.5] if mode == "routed" else None)  # fmt: skip
+        return base
+
+    rows = [
+        row("infer", False, 30.0),
+        row("infer", None, 80.0),
+        row("routed", False, 24.0),
+        row("routed", None, 40.0),
+    ]
+    throughput.add_ratios(rows, "resnet50")
+    assert rows[2]["ratio_vs_all_experts"] == pytest.approx(0.8)  # unfused with unfused, not with auto
+    assert rows[3]["ratio_vs_all_experts"] == pytest.approx(0.5)
+
+
 def test_throughput_profile_names_where_the_time_goes(throughput, capsys):
     argv = ["--device", "cpu", "--models", "ride_resnet32_2e", "--modes", "train", "--batch-size", "4"]
     result = throughput.main(argv + ["--warmup", "1", "--iters", "1", "--repeats", "1", "--profile", "2"])
@@ -143,7 +163,7 @@ def test_throughput_profile_names_where_the_time_goes(throughput, capsys):
     assert 0 < len(ops) <= throughput.PROFILE_ROWS
     assert "aten::convolution_backward" in ops and ops["aten::convolution_backward"]["calls_per_iter"] > 0
     assert all(0 < p["share"] <= 1 and p["ms_per_iter"] > 0 for p in row["profile"])
-    assert "profile of ours ride_resnet32_2e (train, batch 4, fp32)" in capsys.readouterr().out
+    assert "profile of ours ride_resnet32_2e (auto) (train, batch 4, fp32)" in capsys.readouterr().out
 
 
 def test_speedrun_epoch_trains_through_the_engine_loop(speedrun):
@@ -238,3 +258,13 @@ def test_parity_check_rounds_the_margin_products_as_the_official_code(parity):
     products = loss.base.s * loss.base.margins  # what our LDAM subtracts, in float64
     assert torch.equal(products.float().double(), products)  # float32 values ...
     assert torch.equal(products.float(), margins32 * loss.base.s)  # ... the official float32 products
+
+
+def test_speedrun_refuses_bad_input_before_loading_data(speedrun, tmp_path, capsys):
+    for flags in (["--epochs", "0"], ["--log-every", "0"]):
+        with pytest.raises(SystemExit):
+            speedrun.main([*flags, "--data-dir", str(tmp_path / "none")])
+        assert "must be at least 1, got 0" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device is available here"):
+            speedrun.main(["--device", "cuda", "--data-dir", str(tmp_path / "none")])
