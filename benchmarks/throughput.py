@@ -1057,7 +1057,12 @@ def describe_machine(info: Dict[str, Any]) -> str:
 
 # ------------------------------------------------------------------------------------------------- main
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.repeats < 1 or (args.iters is not None and args.iters < 1) or not args.seconds > 0:
+        parser.error("--repeats and --iters must be at least 1, --seconds above 0")
+    if args.shipped_official and not args.official_dir:
+        parser.error("--shipped-official measures the official code: give --official-dir too")
     if args.json:  # an unwritable path fails now, not after the measurements
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     if args.threads:

@@ -268,3 +268,17 @@ def test_speedrun_refuses_bad_input_before_loading_data(speedrun, tmp_path, caps
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device is available here"):
             speedrun.main(["--device", "cuda", "--data-dir", str(tmp_path / "none")])
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--repeats", "0"], "--repeats and --iters must be at least 1"),
+        (["--seconds", "0"], "--seconds above 0"),
+        (["--shipped-official"], "give --official-dir too"),
+    ],
+)
+def test_throughput_refuses_degenerate_settings(throughput, capsys, flags, message):
+    with pytest.raises(SystemExit):
+        throughput.main(["--device", "cpu", *flags])
+    assert message in capsys.readouterr().err
