@@ -100,18 +100,12 @@ def load_training_state(path: str | Path) -> Dict[str, Any]:
             f"{path} holds weights only: {resume_takes}, which also has the optimizer, epoch and arguments; "
             "to start a new run from these weights, use --initial-checkpoint"
         )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (AttributeError, ImportError, NameError):  # a torch API missing here, not a damaged file
-        raise
-    except Exception as error:
-        raise _unreadable(
-            path,
-            error,
-            "a training state",
-            "the run's last saved state is lost: start the run again, or a new one from its last.safetensors "
-            "with --initial-checkpoint",
-        ) from error
+    state = safe_torch_load(
+        path,
+        what="a training state",
+        fix="the run's last saved state is lost: start the run again, or a new one from its last.safetensors "
+        "with --initial-checkpoint",
+    )
     if not isinstance(state, dict) or "args" not in state:
         raise ValueError(f"{path} is not a training state written by train.py (no arguments): {resume_takes}")
     return state
@@ -208,7 +202,7 @@ def _unreadable(
     )
 
 
-def safe_torch_load(path: str | Path) -> Any:
+def safe_torch_load(path: str | Path, what: str = "a checkpoint", fix: str = "download it again") -> Any:
     """``torch.load`` of a file written by ``torch.save``, without executing code from it.
 
     Tensors and containers load as with ``weights_only=True``; objects of classes that are not installed
@@ -218,7 +212,8 @@ def safe_torch_load(path: str | Path) -> Any:
     Raises:
         FileNotFoundError: no such file.
         UnsafeCheckpointError: the file would call a function while loading.
-        ValueError: the file is truncated, corrupted or not a PyTorch checkpoint.
+        ValueError: the file is truncated, corrupted or not a PyTorch checkpoint (the message says it cannot
+            be read as ``what``, then ``fix``).
     """
     path = Path(path)
     if not path.is_file():
@@ -245,7 +240,7 @@ def safe_torch_load(path: str | Path) -> Any:
                 f"{path} would execute code when loaded ({unsafe.group(1).rstrip('.')}); refused: only "
                 "tensors, containers and objects rebuilt from plain data are read"
             ) from None
-        raise _unreadable(path, error) from error
+        raise _unreadable(path, error, what, fix) from error
     return checkpoint
 
 
