@@ -101,7 +101,7 @@ from ride_models.cuda_graph import GraphedRouting, GraphedTrainStep
 from ride_models.data.sampling import long_tail_counts
 from ride_models.engine import make_step
 from ride_models.flops import count_macs
-from ride_models.training import build_loss, build_optimizer, parse_args, resolve_defaults
+from ride_models.training import build_loss, build_optimizer, check_device, parse_args, resolve_defaults
 
 # The paper's MACs per image with the router and the official counter's all-experts MACs (anchors README).
 PAPER_ROUTED_MACS: Dict[Tuple[str, int], Tuple[float, float]] = {
@@ -1067,10 +1067,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     if args.threads:
         torch.set_num_threads(args.threads)
+    check_device(args.device)
     device = torch.device(args.device)
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise SystemExit("--device cuda: no CUDA device is available here")
         torch.backends.cudnn.benchmark = True
     elif args.cuda_graph:
         raise SystemExit(f"--cuda-graph needs --device cuda (CUDA graphs), not {device.type}")

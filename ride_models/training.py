@@ -279,9 +279,21 @@ class Dist:
 
 
 def check_device(device: str) -> None:
-    """Refuse ``--device cuda`` where there is no CUDA device (torch's own error names no flag)."""
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    """Refuse a ``--device`` this machine cannot run on (torch's own errors name no flag): a name torch does
+    not know (``gpu``), ``cuda`` without a CUDA device, or a CUDA index past the last device."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device}: not a device name; use cpu, cuda or cuda:N") from None
+    if dev.type != "cuda":
+        return
+    if not torch.cuda.is_available():
         raise ValueError(f"--device {device}: no CUDA device is available here; use --device cpu")
+    count = torch.cuda.device_count()
+    if dev.index is not None and dev.index >= count:
+        raise ValueError(
+            f"--device {device}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}"
+        )
 
 
 def setup_distributed(device: str) -> Dist:

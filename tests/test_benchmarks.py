@@ -282,3 +282,8 @@ def test_throughput_refuses_degenerate_settings(throughput, capsys, flags, messa
     with pytest.raises(SystemExit):
         throughput.main(["--device", "cpu", *flags])
     assert message in capsys.readouterr().err
+
+
+def test_throughput_names_a_device_it_cannot_run_on(throughput):
+    with pytest.raises(ValueError, match="--device gpu: not a device name"):
+        throughput.main(["--device", "gpu"])

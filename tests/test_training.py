@@ -318,6 +318,20 @@ def test_a_missing_cuda_device_is_named(tmp_path):
         _train(tmp_path, "x", "--device", "cuda")
 
 
+def test_a_device_this_machine_cannot_run_on_is_named(monkeypatch):
+    with pytest.raises(ValueError, match="--device gpu: not a device name; use cpu, cuda or cuda:N"):
+        training.check_device("gpu")
+    training.check_device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a two-GPU machine
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    training.check_device("cuda")
+    training.check_device("cuda:1")
+    with pytest.raises(
+        ValueError, match=r"--device cuda:2: this machine has 2 CUDA device\(s\), cuda:0..cuda:1"
+    ):
+        training.check_device("cuda:2")
+
+
 def test_an_initial_checkpoint_that_does_not_fit_is_explained(tmp_path):
     _train(tmp_path, "two", "--epochs", "1")
     with pytest.raises(
