@@ -111,10 +111,15 @@ def ea_rows(ref: Path, name: str, files: list[str], io_file: str, has_fp64: bool
         yield io_file, "grad.* (router gradients)", worst
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reference-dir", type=Path, default=DEFAULT_DIR)
-    ref = parser.parse_args().reference_dir
+    ref = parser.parse_args(argv).reference_dir
+    if not (ref / "cifar_ride_resnet32_e2_io.safetensors").is_file():
+        parser.error(
+            f"--reference-dir {ref}: no official RIDE fixtures there (cifar_ride_resnet32_e2_io.safetensors "
+            "is missing); give the folder shared/reference/official_ride"
+        )
     rows = []
     for e in (2, 3, 4):
         rows += ride_rows(

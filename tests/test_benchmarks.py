@@ -79,6 +79,13 @@ def test_paper_shares_reproduce_the_paper_routed_cost(throughput):
     assert routed / breakdown.all_experts == pytest.approx(91.9 / 126.9, rel=1e-9)
 
 
+def test_reference_deviations_names_a_folder_without_fixtures(tmp_path, capsys):
+    for deviations in _script("reference_deviations.py"):
+        with pytest.raises(SystemExit):
+            deviations.main(["--reference-dir", str(tmp_path)])
+    assert f"--reference-dir {tmp_path}: no official RIDE fixtures there" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------- the speed run
 @pytest.fixture(scope="module")
 def speedrun():
