@@ -278,6 +278,17 @@ def load_weights(model: nn.Module, path: str | Path, strict: bool = True) -> Non
     _load_state_dict(model, read_state_dict(path), strict=strict)
 
 
+def hub_not_cached(name: str) -> FileNotFoundError:
+    """The error for an ``hf-hub:`` model that is neither in the local Hugging Face cache nor reachable
+    (huggingface_hub's own message names no model and no way out)."""
+    repo = name.removeprefix("hf-hub:").split("@")[0]
+    return FileNotFoundError(
+        f"model {name}: not in this machine's Hugging Face cache, and the Hub cannot be reached. Download "
+        f"it where there is a network (huggingface-cli download {repo}) and copy the cache, or copy the "
+        "model's folder (config.json, model.safetensors) here and name it local-dir:PATH"
+    )
+
+
 def load_model(
     name: str,
     *,
@@ -300,6 +311,7 @@ def load_model(
             the model is not a RIDE model.
     """
     import timm
+    from huggingface_hub.utils import LocalEntryNotFoundError
 
     from ride_models.convert import is_official_state_dict, rename_official_keys
     from ride_models.models.ride_resnet import require_ride_model, summarize_state_dict
@@ -326,6 +338,8 @@ def load_model(
         model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
     except RuntimeError as error:  # timm: unknown model, no pretrained weights for it
         raise ValueError(f"model {name}: {error}") from error
+    except LocalEntryNotFoundError as error:  # hf-hub: offline, and not in the local cache
+        raise hub_not_cached(name) from error
     require_ride_model(model, name)
     if state_dict is not None:
         try:

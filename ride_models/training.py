@@ -35,6 +35,7 @@ import timm
 import torch
 import torch.distributed as dist
 import yaml
+from huggingface_hub.utils import LocalEntryNotFoundError
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
@@ -42,6 +43,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 import ride_models  # noqa: F401  (registers the models)
 from ride_models.checkpoint import (
     atomic_write,
+    hub_not_cached,
     load_model,
     load_training_state,
     load_weights,
@@ -605,6 +607,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         raise ValueError(
             f"--model {args.model}: {error}; the RIDE models: timm.list_models('ride_*')"
         ) from error
+    except LocalEntryNotFoundError as error:  # hf-hub: the config neither cached nor reachable
+        raise hub_not_cached(args.model) from error
     data = build_data(args, d, model=template)
     model = build_model(args, data.num_classes)
     teacher = build_teacher(args, data.num_classes, d.device) if args.stage == "distill" else None

@@ -203,6 +203,41 @@ def test_no_network_and_no_cache_says_what_to_do(tmp_path):
     assert "pretrained_cfg_overlay=dict(file=" in result.stderr and "ride_models.hub convert" in result.stderr
 
 
+def test_scripts_name_an_hf_hub_model_missing_offline(converted, tmp_path):
+    """train.py / validate.py with an hf-hub: name whose config is not cached say which model and how to get
+    it, in one line; with the config cached but not the weights, the model's own loader says so."""
+    name = f"hf-hub:ride-models/{NAME}.{TAG}"
+    snapshot = tmp_path / "hub" / f"models--ride-models--{NAME}.{TAG}" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    env = dict(
+        os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"), HF_HOME=str(tmp_path / "home")
+    )
+    validate = [sys.executable, str(ROOT / "validate.py"), "--model", name, "--pretrained"]
+    train = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "--model",
+        name,
+        "--pretrained",
+        "--output",
+        str(tmp_path),
+    ]
+    for config_cached, command in ((False, validate), (True, train)):
+        if config_cached:  # the config alone: train.py gets past the model's template, not its weights
+            (snapshot / "config.json").write_bytes((converted / "config.json").read_bytes())
+        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+        assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+        if config_cached:
+            assert f"could not be loaded from ride-models/{NAME}.{TAG}" in result.stderr
+            assert "pretrained_cfg_overlay=dict(file=" in result.stderr
+        else:
+            assert f"model {name}: not in this machine's Hugging Face cache" in result.stderr
+            assert f"huggingface-cli download ride-models/{NAME}.{TAG}" in result.stderr
+    assert [p.name for p in tmp_path.iterdir() if p.name != "home"] == ["hub"]  # no run folder
+
+
 def test_torch_hub_local(converted, ea_io):
     model = torch.hub.load(str(ROOT), "ride_resnet32_4e", source="local", pretrained=False, num_classes=10)
     assert model.num_classes == 10 and model.num_experts == 4
