@@ -73,6 +73,7 @@ __all__ = [
     "build_optimizer",
     "build_parser",
     "check_device",
+    "epoch_lr",
     "main",
     "parse_args",
     "resolve_defaults",
@@ -504,6 +505,19 @@ def build_optimizer(
     return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=True, weight_decay=weight_decay)
 
 
+def epoch_lr(args: argparse.Namespace, epoch: int) -> float:
+    """The learning rate of the 1-based ``epoch`` under the run's schedule (flags resolved)."""
+    return lr_at_epoch(
+        epoch,
+        schedule=args.sched,
+        base_lr=args.lr,
+        epochs=args.epochs,
+        milestones=args.decay_epochs or (),
+        gamma=args.decay_rate,
+        warmup_epochs=args.warmup_epochs,
+    )
+
+
 # ------------------------------------------------------------------------------------------ run folder
 def _run_dir(args: argparse.Namespace) -> Path:
     name = args.experiment or f"{time.strftime('%Y%m%d-%H%M%S')}-{args.model}-{args.stage}"
@@ -694,15 +708,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     for epoch in range(start_epoch, args.epochs + 1):
         seed_epoch(args.seed, epoch, d.rank)
         data.set_epoch(args.seed, epoch)
-        lr = lr_at_epoch(
-            epoch,
-            schedule=args.sched,
-            base_lr=args.lr,
-            epochs=args.epochs,
-            milestones=args.decay_epochs or (),
-            gamma=args.decay_rate,
-            warmup_epochs=args.warmup_epochs,
-        )
+        lr = epoch_lr(args, epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss_fn.set_epoch(epoch)
