@@ -1,10 +1,13 @@
-"""The two pictures of a long-tailed evaluation, as PNG files (matplotlib, no display needed).
+"""The pictures of a long-tailed evaluation and of a training run, as PNG files (matplotlib, no display
+needed).
 
 * ``per_class_accuracy.png``: top-1 accuracy of each class against its training images (log scale), the
   many / medium / few boundaries marked; one series per routing mode. The long tail at a glance: where
   accuracy falls off as training images get scarce.
 * ``experts_per_split.png``: for each routing mode, the share of the eval images of each split that used
   1, 2, ..., E experts. RIDE's router should send tail (few-shot) images on to more experts.
+* ``training_curves.png`` (train.py's run folder, redrawn every epoch): train loss and learning rate, and
+  the per-epoch top-1 overall and on many / medium / few classes, against the epoch.
 
 matplotlib is imported only here, when a plot is drawn, through its object-oriented API (``Figure``) so
 that no GUI backend is selected and a user's pyplot state is left alone.
@@ -12,16 +15,23 @@ that no GUI backend is selected and a user's pyplot state is left alone.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, List
 
 import numpy as np
 
+from ride_models.checkpoint import atomic_write
 from ride_models.data.sampling import FEW_SHOT_MAX, MANY_SHOT_MIN
 from ride_models.metrics import SHOT_SPLITS, EvalResult
 
-__all__ = ["PLOT_FILES", "plot_experts_per_split", "plot_per_class_accuracy", "save_plots"]
+__all__ = [
+    "PLOT_FILES",
+    "plot_experts_per_split",
+    "plot_per_class_accuracy",
+    "plot_training_curves",
+    "save_plots",
+]
 
 PLOT_FILES = ("per_class_accuracy.png", "experts_per_split.png")
 _MARKERS = "os^Dv<>"
@@ -94,10 +104,40 @@ def plot_experts_per_split(results: Sequence[EvalResult], path: str | Path) -> P
     return _save(fig, path)
 
 
+def plot_training_curves(rows: Sequence[Mapping[str, Any]], path: str | Path, title: str) -> Path:
+    """Train loss and learning rate (left), top-1 overall and by shot split (right), per epoch.
+
+    ``rows`` are train.py's summary rows (``epoch``, ``lr``, ``train_loss``, ``eval_split``, ``top1``,
+    ``many_top1``, ``medium_top1``, ``few_top1``; a split without eval images is None).
+    """
+    epochs = [row["epoch"] for row in rows]
+    fig = _new_figure(10.0, 4.0)
+    loss_ax, acc_ax = fig.subplots(1, 2)
+    loss_ax.plot(epochs, [row["train_loss"] for row in rows], marker=".", color="C0")
+    loss_ax.set_xlabel("epoch")
+    loss_ax.set_ylabel("train loss", color="C0")
+    lr_ax = loss_ax.twinx()
+    lr_ax.plot(epochs, [row["lr"] for row in rows], color="C1", linestyle="--")
+    lr_ax.set_ylabel("learning rate", color="C1")
+    for key, label in (
+        ("top1", "all"),
+        ("many_top1", "many"),
+        ("medium_top1", "medium"),
+        ("few_top1", "few"),
+    ):
+        values = [np.nan if row[key] is None else row[key] for row in rows]
+        if not all(np.isnan(values)):
+            acc_ax.plot(epochs, values, marker=".", label=label)
+    acc_ax.set_xlabel("epoch")
+    acc_ax.set_ylabel(f"top-1 on {rows[-1]['eval_split']} (%)")
+    acc_ax.legend(fontsize="small")
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
 def _save(fig: Any, path: str | Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))  # a reader never sees half a file
     return path
 
 

@@ -65,6 +65,7 @@ from ride_models.flops import count_macs
 from ride_models.losses import create_loss, loss_arguments
 from ride_models.metrics import EvalResult, evaluate
 from ride_models.models.ride_resnet import require_ride_model
+from ride_models.plots import plot_training_curves, save_plots
 from ride_models.scheduler import lr_at_epoch
 
 __all__ = [
@@ -114,6 +115,7 @@ DATASET_PRESETS = {
 ROUTER_PRESET = dict(lr=0.01, weight_decay=5e-4, batch_size=512, epochs=5, sched="cosine", warmup_epochs=0)
 # The official CIFAR distillation config warms up for 20 epochs instead of 5.
 DISTILL_PRESETS = {"cifar": dict(warmup_epochs=20)}
+TRAINING_PLOT = "training_curves.png"  # redrawn every epoch from summary.csv's rows
 # Datasets with a validation split distinct from the test split: "best" is chosen on it.
 VALIDATION_DATASETS = {"imagenet_lt", "places_lt"}
 # Arguments a resumed run may change; every other one must match the interrupted run.
@@ -641,7 +643,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     if d.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         _setup_logging(run_dir, d.is_main)
-        (run_dir / "args.yaml").write_text(yaml.safe_dump(saved_args, sort_keys=False))
+        text = yaml.safe_dump(saved_args, sort_keys=False)
+        atomic_write(run_dir / "args.yaml", lambda tmp: Path(tmp).write_text(text))
         _logger.info(f"run folder: {run_dir}")
     d.barrier()
     if d.world_size > 1:
@@ -755,6 +758,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                 ),
             )
             _write_summary(run_dir / "summary.csv", rows)
+            plot_training_curves(
+                rows, run_dir / TRAINING_PLOT, f"{args.model}, stage {args.stage}, {args.dataset}"
+            )
         d.barrier()
 
     results = _final_results(args, eval_model, data, run_dir, best_name, evaluator) if d.is_main else {}
@@ -821,13 +827,16 @@ def _final_results(
     results = dict(
         model=args.model, dataset=args.dataset, stage=args.stage, epochs=args.epochs, checkpoint=checkpoint
     )
-    results["test"] = []
+    results["test"], evaluated = [], []
     for routing in routings:
         r = evaluator(model, "test", routing)
         results["test"].append(r.to_dict())
+        evaluated.append(r)
         _logger.info(
             f"final test ({checkpoint}, routing {routing}): top-1 {r.top1:.2f} | many {_round(r.many_top1)} "
             f"/ medium {_round(r.medium_top1)} / few {_round(r.few_top1)} | experts used {r.experts_mean:.2f}"
         )
-    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    text = json.dumps(results, indent=2)
+    atomic_write(run_dir / "results.json", lambda tmp: Path(tmp).write_text(text))
+    save_plots(evaluated, run_dir)  # per-class accuracy and experts per split, as validate.py --plot-dir
     return results

@@ -24,6 +24,7 @@ from ride_models import training
 from ride_models.checkpoint import load_training_state
 from ride_models.data import DIGITS_CONFIG, DeviceDataLoader
 from ride_models.engine import NonFiniteLossError
+from ride_models.plots import PLOT_FILES
 
 ROOT = Path(__file__).resolve().parents[1]
 # Short runs: 489 training images at batch 128 are 4 steps per epoch.
@@ -55,6 +56,9 @@ def test_train_py_on_the_embedded_default(tmp_path):
     run = tmp_path / "run"
     assert {"args.yaml", "summary.csv", "last.safetensors", "best_on_test.safetensors", "last_state.pt",
             "results.json", "log.txt"} <= {p.name for p in run.iterdir()}  # fmt: skip
+    sizes = {name: Image.open(run / name).size for name in ("training_curves.png", *PLOT_FILES)}
+    assert sizes["training_curves.png"] == (1000, 400)  # 10 x 4 inches at 100 dpi
+    assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]  # every file moved into place
     assert "many" in result.stdout and "medium" in result.stdout and "few" in result.stdout
     rows = _summary_rows(run)
     assert [r["epoch"] for r in rows] == ["1", "2"]
