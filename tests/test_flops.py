@@ -78,14 +78,63 @@ def test_relation_to_the_official_counter(reference_dir, name, command, pool_out
     assert convs + 2 * _bn_and_pool_elements(model, size) + pool_outputs == round(official * 1e9)
 
 
+# Hand count of ride_resnet32_3e (README of the reference fixtures: CIFAR stem and layer1 shared at width 16,
+# each expert layer2 width 24 and layer3 width 48, 5 BasicBlocks each; conv MACs = output pixels x out
+# channels x in channels x 3 x 3):
+#   shared: conv1 1024 x 16 x 27 = 442,368; layer1 10 convs x 1024 x 16 x 144 = 23,592,960 -> 24,035,328
+#   expert: layer2 256 x 24 x 144 = 884,736 + 9 x 256 x 24 x 216 = 11,943,936;
+#           layer3 64 x 48 x 216 = 663,552 + 9 x 64 x 48 x 432 = 11,943,936 -> 25,436,160
+#   classifier 48 x C; routing decision: hidden Linear(48, 16) + shared Linear(K + 16, 1), K = min(30, C).
+CIFAR_SHARED, CIFAR_EXPERT = 24_035_328, 25_436_160
+
+
 def test_breakdown_parts_and_router():
     macs = count_macs(_meta_model("ride_resnet32_3e"))
-    assert len(macs.experts) == 3 and len(macs.router) == 2
-    assert macs.experts[0] == macs.experts[1] == macs.experts[2]
-    # one routing decision: hidden Linear(48, 16) + the shared Linear(30 + 16, 1)
-    assert macs.router == (48 * 16 + 46, 48 * 16 + 46)
-    assert macs.classifiers == (48 * 100,) * 3
-    assert macs.all_experts == macs.shared + sum(macs.experts) + sum(macs.classifiers)
+    assert macs.shared == 442_368 + 10 * 1024 * 16 * 144 == CIFAR_SHARED
+    assert macs.experts == (884_736 + 9 * 256 * 24 * 216 + 663_552 + 9 * 64 * 48 * 432,) * 3
+    assert macs.experts == (CIFAR_EXPERT,) * 3
+    # one routing decision: hidden Linear(48, 16) + the shared Linear(30 + 16, 1) = 814
+    assert macs.router == (814, 814) == (48 * 16 + 46,) * 2
+    assert macs.classifiers == (4_800,) * 3
+    assert macs.all_experts == 100_358_208  # flops.json own_conv_linear_macs, ResNet32Model E=3, "total"
+
+
+# One expert = conv(E + 1 experts) - conv(E experts); shared = conv(2 experts) - 2 x one expert, from the
+# "conv" fields of flops.json's own_conv_linear_macs (reduce_dimension=True), written out:
+#   ResNet32Model  conv E=2/3/4   74,907,648 /   100,343,808 /   125,779,968 -> expert 25,436,160,
+#                  shared 24,035,328
+#   ResNet10Model  conv E=2/3/4  957,759,488 / 1,172,111,360 / 1,386,463,232 -> expert 214,351,872,
+#                  shared 529,055,744 (= conv1 118,013,952 + layer1 231,211,008 + layer2 179,830,784)
+#   ResNet50Model  conv E=2/3/4 4,448,403,456 / 5,765,824,512 / 7,083,245,568 -> expert 1,317,421,056,
+#                  shared 1,813,561,344
+# Classifier D x C; router decision D x 16 + K + 16 (K = 30 CIFAR/ResNet-10, 50 ResNet-50).
+@pytest.mark.parametrize(
+    "name,official,classes,dim,top_k,expert,shared",
+    [
+        ("ride_resnet32_3e", "ResNet32Model", 100, 48, 30, 25_436_160, 24_035_328),
+        ("ride_resnet10_3e", "ResNet10Model", 1000, 384, 30, 214_351_872, 529_055_744),
+        ("ride_resnet50_2e", "ResNet50Model", 1000, 1536, 50, 1_317_421_056, 1_813_561_344),
+    ],
+)
+def test_shared_and_expert_macs_against_the_independent_count(
+    reference_dir, name, official, classes, dim, top_k, expert, shared
+):
+    entries = json.loads((reference_dir / "flops.json").read_text())["own_conv_linear_macs"]
+    conv = {
+        e["ctor"]["num_experts"]: e["macs"]["conv"]
+        for e in entries
+        if e["model_name"] == official and e["ctor"].get("reduce_dimension")
+    }
+    assert conv[3] - conv[2] == conv[4] - conv[3] == expert  # the hand numbers above, from the fixture
+    assert conv[2] - 2 * expert == shared
+    model = _meta_model(name, num_classes=classes)
+    experts = model.num_experts
+    macs = count_macs(model)
+    assert macs.shared == shared
+    assert macs.experts == (expert,) * experts
+    assert macs.classifiers == (dim * classes,) * experts
+    assert macs.router == (dim * 16 + top_k + 16,) * (experts - 1)
+    assert macs.all_experts - sum(macs.classifiers) == conv[experts]
 
 
 def test_routed_costs_by_hand():
@@ -99,6 +148,25 @@ def test_routed_costs_by_hand():
     assert b.for_routing("router", torch.tensor([1, 1, 2, 3])) == (113 + 113 + 126 + 137) / 4
     assert b.for_routing("all") == 133
     assert b.for_routing(2) == 122
+
+
+# ride_resnet32_3e, 100 classes, with the hand numbers above (shared 24,035,328, expert 25,436,160,
+# classifier 4,800, decision 814):
+#   1 expert : 24,035,328 +     25,436,160 +      4,800 +     814 =  49,477,102
+#   2 experts: 24,035,328 + 2 x 25,436,160 + 2 x  4,800 + 2 x 814 =  74,918,876
+#   3 experts: 24,035,328 + 3 x 25,436,160 + 3 x  4,800 + 2 x 814 = 100,359,836 (no third decision)
+CIFAR_ROUTED = {1: 49_477_102, 2: 74_918_876, 3: 100_359_836}
+
+
+def test_routed_costs_of_a_real_model_by_hand():
+    macs = count_macs(_meta_model("ride_resnet32_3e"))
+    assert {k: macs.per_image(k) for k in (1, 2, 3)} == CIFAR_ROUTED
+    assert macs.per_image(2, routed=False) == 74_917_248  # flops.json own_conv_linear_macs E=2 "total"
+    assert macs.for_routing("all") == 100_358_208  # flops.json E=3 "total"
+    # 20 / 18 / 26 samples with 1 / 2 / 3 experts (the CIFAR EA E=3 fixture's routing, README)
+    counts = [1] * 20 + [2] * 18 + [3] * 26
+    expected = (20 * 49_477_102 + 18 * 74_918_876 + 26 * 100_359_836) / 64
+    assert macs.for_routing("router", torch.tensor(counts)) == pytest.approx(expected, rel=1e-12)
 
 
 def test_realized_average_of_a_routed_model_is_between_one_and_all_experts():
