@@ -158,6 +158,32 @@ def test_default_dataset_with_a_train_checkpoint(digits_checkpoint, tmp_path, ca
     assert "digits_lt test: 300 images, 10 classes" in capsys.readouterr().out
 
 
+def test_imb_ratio_sets_the_training_counts_of_the_embedded_digits(digits_checkpoint, tmp_path):
+    """--imb-ratio 10 instead of the digits' default 20: other training counts, so other shot splits."""
+    import numpy as np
+
+    # Head count from the data file itself: the smallest class after the last 30 images of each class go
+    # to the test split (the digits' classes have 174..183 images, so 144..153 remain).
+    with np.load(ROOT / "ride_models" / "data" / "digits_8x8.npz") as data:
+        img_max = int(np.bincount(data["labels"]).min()) - 30
+    assert img_max == 144
+    # The official CIFAR-LT profile (shared data README): int(img_max * (1 / ratio) ** (i / (C - 1))),
+    # ratio 10, C = 10: int(144 * 0.1 ** (i / 9)) for i = 0..9.
+    expected = [144, 111, 86, 66, 51, 40, 31, 24, 18, 14]
+    assert [int(img_max * 0.1 ** (i / 9)) for i in range(10)] == expected
+    csv_path = tmp_path / "c.csv"
+    (r,) = validate.main(
+        ["--model", "ride_resnet32_2e", "--checkpoint", str(digits_checkpoint), "-j", "0", "--device", "cpu"]
+        + ["--routing", "all", "--imb-ratio", "10", "--per-class-csv", str(csv_path)]
+    )
+    with open(csv_path, newline="") as f:
+        assert [int(row["train_images"]) for row in csv.DictReader(f)] == expected
+    # > 100 many (144, 111), 20..100 medium (86 .. 24), < 20 few (18, 14); the default ratio 20
+    # (144, 103, 74, 53, 38, 27, 19, 14, 10, 7) gives 2 / 4 / 4 (test_default_dataset_with_a_train_checkpoint)
+    assert r.to_dict()["classes_per_split"] == {"many": 2, "medium": 6, "few": 2}
+    assert r.num_images == 300  # the test split does not depend on the ratio: 30 per class
+
+
 def test_local_dir_model_and_class_counts_list(tmp_path):
     from timm.models import save_for_hf
 
