@@ -376,6 +376,13 @@ def test_routing_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         value = create_loss("routing")(logits, torch.tensor([[True, False], [False, True]]))
     assert value.dtype == torch.float32
+    # By hand: BCE-with-logits, pos_weight 100: target 1 -> 100 * softplus(-z), target 0 -> softplus(z);
+    # mean over the 2 x 2 entries. bfloat16 keeps 8 significant bits: 0.3 = 1.0011001|1001.. x 2^-2 rounds
+    # up to 1.0011010 x 2^-2 = 0.30078125; -1, 2 and 0.5 are exact.
+    #   decision 0: (100 * softplus(-0.30078125) + softplus(2)) / 2 = 28.764607
+    #   decision 1: (softplus(-1) + 100 * softplus(-0.5)) / 2     = 23.860480
+    # mean 26.312543 (with 0.3 unrounded it would be 26.320853).
+    assert float(value) == pytest.approx(26.312543, rel=1e-6)
 
 
 def test_buffers_follow_dtype_and_device(ref):
