@@ -7,6 +7,7 @@ outputs atol 1e-4 / rtol 1e-5, fp64 atol 1e-9, routing decisions and help target
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import timm
@@ -226,6 +227,52 @@ def test_imagenet_parameter_counts_match_manifest(reference_dir):
             assert trainable == entry["num_trainable_params_at_construction"], name
         checked += 1
     assert checked == 18 + 4  # 18 RIDE/EA models, three 6-expert teachers and the iNaturalist model
+
+
+def _our_key(official_key: str) -> str:
+    """Our name for an official key, written from the fixture README's layout (``backbone.`` prefix,
+    per-expert ``layer3s.{e}`` / ``layer4s.{e}`` / ``linears.{e}``, router ``expert_help_pred_*``) and our
+    module names (``experts.{e}.layer3``, ``heads.{e}``, ``router.hidden.{i}`` / ``router.fc``)."""
+    key = official_key.removeprefix("backbone.")
+    for pattern, ours in (
+        (r"layer([34])s\.(\d+)\.(.+)", r"experts.\2.layer\1.\3"),
+        (r"linears\.(\d+)\.weight", r"heads.\1.weight"),
+        (r"expert_help_pred_hidden_fcs\.(\d+)\.(weight|bias)", r"router.hidden.\1.\2"),
+        (r"expert_help_pred_fc\.(weight|bias)", r"router.fc.\1"),
+    ):
+        if re.fullmatch(pattern, key):
+            return re.sub(pattern, ours, key)
+    return key  # conv1, bn1, layer1, layer2: shared, same names
+
+
+def test_imagenet_official_key_layouts_load_strictly(reference_dir):
+    """Every ImageNet-style official state dict listed in the manifest (keys, shapes, dtypes of the real
+    official models) converts and loads with strict=True into the timm model of the same architecture, each
+    tensor landing under the name the README's layout gives it (on the meta device: shapes only)."""
+    manifest = json.loads((reference_dir / "imagenet_models_manifest.json").read_text())
+    checked = 0
+    for entry in manifest["models"]:
+        official = entry["class"].rsplit(".", 1)[1]
+        name = f"{_OFFICIAL_CLASSES[official]}_{entry['ctor']['num_experts']}e"
+        state_dict = {
+            key: torch.empty(shape, dtype=getattr(torch, dtype), device="meta")
+            for key, shape, dtype in entry["state_dict"]
+        }
+        assert len(state_dict) == entry["num_state_dict_entries"]
+        converted = convert_official_state_dict(state_dict, name)
+        with torch.device("meta"):
+            model = timm.create_model(name, num_classes=entry["ctor"]["num_classes"])
+        model.load_state_dict(converted, strict=True, assign=True)  # raises on a missing/extra key or shape
+        for key, value in state_dict.items():
+            ours = _our_key(key)
+            if ours.startswith("heads."):  # the normalised classifier, stored [D, C], is ours [C, D]
+                assert converted[ours].shape == value.shape[::-1], (name, key)
+            else:
+                assert converted[ours] is value, (name, key, ours)
+        # a stage-2 (EA) file brings its router, marked trained; a stage-1 (RIDE) file gets an untrained one
+        assert bool(converted["router.trained"]) == ("EA" in official), name
+        checked += 1
+    assert checked == 18
 
 
 def test_imagenet_parameter_breakdown_matches_manifest(reference_dir):
