@@ -19,7 +19,7 @@ import re
 import sys
 import warnings
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -113,7 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--amp-dtype", default="float16", choices=["float16", "bfloat16"])
     g.add_argument("--channels-last", action="store_true")
     g = p.add_argument_group("output")
-    g.add_argument("--results-file", default="", help="JSON: one object, or a list for several --routing")
+    g.add_argument(
+        "--results-file", default="",
+        help="the summary: JSON (one object, or a list for several --routing) or CSV (one row per routing)",
+    )  # fmt: skip
+    g.add_argument(
+        "--results-format", choices=["json", "csv"], default=None,
+        help="format of --results-file (default: csv for a .csv name, json otherwise)",
+    )  # fmt: skip
     g.add_argument("--per-class-csv", default="", help="CSV: one row per class (and routing mode)")
     g.add_argument("--plot-dir", default="", help="folder for per_class_accuracy.png, experts_per_split.png")
     return p
@@ -170,20 +177,43 @@ def _write_outputs(
         ]
         path = Path(args.results_file)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(rows[0] if len(rows) == 1 else rows, indent=2) + "\n")
+        if _results_format(args) == "csv":
+            _write_csv(path, [_flat(row) for row in rows])
+        else:
+            path.write_text(json.dumps(rows[0] if len(rows) == 1 else rows, indent=2) + "\n")
     if args.per_class_csv:
         path = Path(args.per_class_csv)
         path.parent.mkdir(parents=True, exist_ok=True)
-        rows = [row for r in results for row in r.per_class_rows(class_names)]
-        with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        _write_csv(path, [row for r in results for row in r.per_class_rows(class_names)])
     if args.plot_dir:
         from ride_models.plots import save_plots
 
         for path in save_plots(results, args.plot_dir):
             print(f"wrote {path}")
+
+
+def _results_format(args: argparse.Namespace) -> str:
+    return args.results_format or ("csv" if args.results_file.lower().endswith(".csv") else "json")
+
+
+def _flat(row: Dict[str, Any]) -> Dict[str, Any]:
+    """A results row as CSV columns: nested dicts as ``key_subkey``, lists space-separated, None empty."""
+    flat: Dict[str, Any] = {}
+    for key, value in row.items():
+        if isinstance(value, dict):
+            flat.update(_flat({f"{key}_{k}": v for k, v in value.items()}))
+        elif isinstance(value, (list, tuple)):
+            flat[key] = " ".join(str(v) for v in value)
+        else:
+            flat[key] = "" if value is None else value
+    return flat
+
+
+def _write_csv(path: Path, rows: Sequence[Dict[str, Any]]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def _check_output_paths(args: argparse.Namespace) -> None:

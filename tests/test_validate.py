@@ -208,6 +208,35 @@ def test_local_dir_model_and_class_counts_list(tmp_path):
     assert direct.top1 == pytest.approx(r.top1) and direct.ece == pytest.approx(r.ece)
 
 
+def test_results_as_csv(digits_checkpoint, tmp_path):
+    """A .csv --results-file holds one row per routing mode with the JSON's fields, nested ones flattened."""
+    flags = [
+        "--model",
+        "ride_resnet32_2e",
+        "--checkpoint",
+        str(digits_checkpoint),
+        "-j",
+        "0",
+        "--device",
+        "cpu",
+    ]
+    results = validate.main([*flags, "--routing", "all", "1", "--results-file", str(tmp_path / "r.csv")])
+    with open(tmp_path / "r.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["routing"] for row in rows] == ["all", "1"]
+    for row, result in zip(rows, results):
+        expected = result.to_dict()
+        assert float(row["top1"]) == expected["top1"] and float(row["ece"]) == expected["ece"]
+        assert row["experts_counts_all"] == " ".join(map(str, expected["experts_counts"]["all"]))
+        assert float(row["experts_per_split_few"]) == expected["experts_per_split"]["few"]
+        assert int(row["classes_per_split_many"]) == 2 and row["split"] == "test"
+    assert rows[1]["experts_counts_all"] == "300 0"  # --routing 1: every image used the first expert only
+    validate.main(
+        [*flags, "--routing", "all", "--results-file", str(tmp_path / "r.csv"), "--results-format", "json"]
+    )
+    assert json.loads((tmp_path / "r.csv").read_text())["routing"] == "all"
+
+
 def test_command_line(digits_checkpoint, tmp_path):
     results_file = tmp_path / "r.json"
     done = subprocess.run(
