@@ -36,6 +36,7 @@ __all__ = [
     "RoutingLoss",
     "create_loss",
     "loss_arguments",
+    "check_target",
     "diversity_temperature",
     "drw_weights",
     "ldam_margins",
@@ -106,7 +107,8 @@ def _stack_experts(expert_logits: Logits) -> Tensor:
     return torch.stack(list(expert_logits), dim=1)
 
 
-def _check_target(target: Tensor, batch: int, num_classes: int) -> None:
+def check_target(target: Tensor, batch: int, num_classes: int) -> None:
+    """Refuse a ``target`` that is not ``batch`` class indices in 0..num_classes-1, with the fix."""
     if target.dtype.is_floating_point or target.dtype == torch.bool or target.dim() != 1:
         raise ValueError(
             f"target must be a 1-D integer tensor of class indices [B]; got dtype {target.dtype} and shape "
@@ -264,7 +266,7 @@ class _SingleOutputLoss(_ClassCountLoss):
             if logits.dim() != 2:
                 raise ValueError(f"expected logits [B, C] or [B, E, C]; got shape {tuple(logits.shape)}")
             self._check_num_classes(logits.shape[1])
-            _check_target(target, logits.shape[0], logits.shape[1])
+            check_target(target, logits.shape[0], logits.shape[1])
             return self.classification_loss(logits, target)
 
     def extra_repr(self) -> str:
@@ -466,7 +468,7 @@ class RIDELoss(_ClassCountLoss):
             logits = logits.to(_compute_dtype(logits))
             batch, num_experts, num_classes = logits.shape
             self._check_num_classes(num_classes)
-            _check_target(target, batch, num_classes)
+            check_target(target, batch, num_classes)
             if self.diversity_weight == 0.0 and self.zero_weight_uses_ensemble:
                 return num_experts * self.base.classification_loss(logits.mean(dim=1), target)
             # sum_e of the (weighted) batch means = the weighted batch mean of the per-sample sums over e.

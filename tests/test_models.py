@@ -71,6 +71,18 @@ def test_backward_reaches_every_trainable_parameter(name):
         assert (p.grad is not None) == k.startswith("router."), k
 
 
+def test_router_training_path_refuses_targets_that_do_not_fit():
+    model = timm.create_model("ride_resnet32_2e", num_classes=10)
+    x = torch.randn(2, 3, 32, 32)
+    for target, message in (
+        (torch.tensor([0, 50]), r"class indices in \[0, 50\], but the logits have C = 10 classes"),
+        (torch.tensor([0]), "target has 1 entries but the logits have batch size 2"),
+        (torch.tensor([[0.0, 1.0]]), "target must be a 1-D integer tensor of class indices"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            model.forward_router_train(x, target)
+
+
 @pytest.mark.parametrize("name", FAMILIES)
 def test_features_and_head_shapes(name):
     """timm's default-cfg checks: forward_features keeps the spatial pool size, forward_head(pre_logits)

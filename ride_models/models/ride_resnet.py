@@ -52,6 +52,7 @@ from torch import nn
 
 from ride_models._compat import autocast_known
 from ride_models.data.transforms import CIFAR_MEAN, CIFAR_STD
+from ride_models.losses import check_target
 from ride_models.models.fused_experts import (
     can_fuse,
     folded_blocks,
@@ -886,6 +887,7 @@ class RIDEResNet(nn.Module):
         )
         help_targets = None
         if target is not None:
+            check_target(target, x.shape[0], self.num_classes)
             correct = torch.stack([s.argmax(dim=1) == target for s in sums], dim=1)  # [B, E]
             # Suffix "any" over later experts: later[:, i] = correct[:, i+1:].any(1).
             later = correct.flip(1).cumsum(1).flip(1).gt(0)[:, 1:]
