@@ -22,6 +22,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -286,6 +287,13 @@ def convert_official_checkpoint(
         dataset, recipe, origin = zoo.dataset, f"{zoo.recipe}, by the RIDE authors", zoo.origin_url
         source = "As reported by the official RIDE model zoo (MODEL_ZOO.md) for this checkpoint."
     else:
+        known = sorted(k.split(".", 1)[1] for k in PUBLISHED_CHECKPOINTS if k.startswith(f"{model_name}."))
+        warnings.warn(
+            f"converting {checkpoint} without --tag: its model card names no dataset and no accuracy. If "
+            f"it is a checkpoint of the official model zoo, give its tag (for {model_name}: "
+            f"{', '.join(known) or 'none registered'})",
+            stacklevel=2,
+        )
         _apply_own_cfg(model)
         rows, dataset, recipe = [], "(not given)", "by the RIDE authors"
         origin, source = f"official RIDE checkpoint {Path(checkpoint).name}", ""
@@ -306,7 +314,9 @@ def _results_rows(path: Path) -> List[Dict[str, Any]]:
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not JSON ({error}): expected validate.py's --results-file") from error
+        raise ValueError(
+            f"{path} is not JSON ({error}): expected validate.py's --results-file in JSON (a .json name)"
+        ) from error
     if isinstance(data, dict) and "test" in data:  # train.py's results.json
         return list(data["test"])
     return data if isinstance(data, list) else [data]  # validate.py: one dict or a list

@@ -460,6 +460,16 @@ def test_unknown_tag_lists_the_known_ones(tmp_path, official_ea):
         timm.create_model(f"{NAME}.nope")
 
 
+def test_converting_without_a_tag_warns_that_the_card_lacks_dataset_and_accuracy(tmp_path, official_ea):
+    pth = _official_pth(tmp_path, official_ea)
+    known = "for ride_resnet32_3e: cifar100_lt_r100, cifar100_lt_r100_distill"
+    with pytest.warns(
+        UserWarning, match=f"without --tag: its model card names no dataset and no accuracy.*{known}"
+    ):
+        out = hub.main(["convert", str(pth), "--model", NAME, "--out", str(tmp_path / "x")])
+    assert "Dataset: (not given)" in (out / "README.md").read_text()
+
+
 def test_published_configs():
     published = timm.list_pretrained("ride_*")
     assert len(published) == 12
