@@ -13,5 +13,5 @@ from ride_models.training import main
 if __name__ == "__main__":
     try:
         main()
-    except (FileNotFoundError, ValueError, NonFiniteLossError) as error:  # bad input, diverged training
+    except (FileNotFoundError, ValueError, ConnectionError, NonFiniteLossError) as error:  # bad input, NaN
         sys.exit(f"train.py: error: {error}")

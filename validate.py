@@ -308,5 +308,5 @@ def main(argv: Optional[Sequence[str]] = None) -> List[EvalResult]:
 if __name__ == "__main__":
     try:
         main()
-    except (FileNotFoundError, ValueError, ImportError) as error:
+    except (FileNotFoundError, ValueError, ConnectionError, ImportError) as error:
         sys.exit(f"validate.py: error: {error}")

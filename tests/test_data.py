@@ -456,6 +456,23 @@ def test_folder_errors(tmp_path: Path) -> None:
         create_dataset("folder", tmp_path, "training")
 
 
+def test_a_failed_cifar_download_names_the_file_to_copy(tmp_path, monkeypatch):
+    """Offline, --dataset-download fails in urllib inside torchvision: one error says what to copy where."""
+    from urllib.error import URLError
+
+    def offline(self):
+        raise URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(torchvision.datasets.CIFAR100, "download", offline)
+    expected = (
+        "cifar100_lt: torchvision could not download https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
+        f" into {tmp_path} ([Errno -2] Name or service not known). Without a network, put "
+        "cifar-100-python.tar.gz there (torchvision then only extracts it) or its extracted cifar-100-python/"
+    )
+    with pytest.raises(ConnectionError, match=re.escape(expected)):
+        create_dataset("cifar100_lt", tmp_path, download=True)
+
+
 # ------------------------------------------------------------------------------------------- image files
 
 

@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.error import URLError
 
 import numpy as np
 import torch
@@ -302,6 +303,19 @@ _CIFAR: dict[str, tuple[type[torchvision.datasets.CIFAR10], list[str]]] = {
 }
 
 
+def _torchvision_cifar(name: str, tv_class: type, root: Path, train: bool, download: bool) -> Any:
+    """torchvision's CIFAR split; a failed download is one ConnectionError naming the dataset and the way out
+    (torchvision's own is a urllib traceback)."""
+    try:
+        return tv_class(str(root), train=train, download=download)
+    except URLError as error:
+        raise ConnectionError(
+            f"{name}: torchvision could not download {tv_class.url} into {root} ({error.reason}). Without "
+            f"a network, put {tv_class.filename} there (torchvision then only extracts it) or its extracted "
+            f"{tv_class.base_folder}/"
+        ) from error
+
+
 def _create_cifar_lt(
     name: str,
     root: str | Path | None,
@@ -320,13 +334,13 @@ def _create_cifar_lt(
         Path(root).expanduser().mkdir(parents=True, exist_ok=True)
     root = _existing_root(name, root, what)
     if download or (root / tv_class.base_folder).is_dir():
-        train = tv_class(str(root), train=True, download=download)
+        train = _torchvision_cifar(name, tv_class, root, True, download)
         keep = cifar_lt_indices(train.targets, ratio, seed)
         counts = np.bincount(np.asarray(train.targets)[keep], minlength=len(classes))
         if split == "train":
             images, targets = train.data[keep], np.asarray(train.targets)[keep]
         else:
-            test = tv_class(str(root), train=False, download=download)
+            test = _torchvision_cifar(name, tv_class, root, False, download)
             images, targets = test.data, test.targets
         return ArrayDataset(images, targets, counts, classes, name=name, split=split, transform=transform)
     if (root / "train").is_dir():
