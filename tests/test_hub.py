@@ -231,7 +231,8 @@ def test_scripts_name_an_hf_hub_model_missing_offline(converted, tmp_path):
         assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
         if config_cached:
             assert f"could not be loaded from ride-models/{NAME}.{TAG}" in result.stderr
-            assert "pretrained_cfg_overlay=dict(file=" in result.stderr
+            assert "pretrained_cfg_overlay=dict(file=" in result.stderr  # and its command-line form:
+            assert "the file as train.py --initial-checkpoint or validate.py --checkpoint" in result.stderr
         else:
             assert f"model {name}: not in this machine's Hugging Face cache" in result.stderr
             assert f"huggingface-cli download ride-models/{NAME}.{TAG}" in result.stderr

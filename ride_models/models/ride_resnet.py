@@ -1174,8 +1174,9 @@ def _create_ride_resnet(variant: str, pretrained: bool = False, **kwargs) -> RID
             f"the pretrained weights of {name} could not be loaded from {cfg.hf_hub_id}: {error}\n"
             f"Without a network, put model.safetensors from https://huggingface.co/{cfg.hf_hub_id} into the "
             "Hugging Face cache on this machine, or pass pretrained_cfg_overlay=dict(file='/path/to/"
-            f"model.safetensors'); the official checkpoint ({cfg.origin_url}) converts with "
-            "python -m ride_models.hub convert"
+            "model.safetensors') (from the command line: the file as train.py --initial-checkpoint or "
+            f"validate.py --checkpoint, without --pretrained); the official checkpoint ({cfg.origin_url}) "
+            "converts with python -m ride_models.hub convert"
         ) from error
 
 
