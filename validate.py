@@ -69,10 +69,19 @@ def parse_class_counts(value: str) -> Union[List[int], Path]:
     )
 
 
+class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default unless it has none to show (None, [None], "") or its help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, [None], "") or "(default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Evaluate a RIDE model: top-1/top-5, many/medium/few, ECE, experts used, realized MACs.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsHelpFormatter,
     )
     g = p.add_argument_group("model")
     g.add_argument(

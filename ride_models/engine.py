@@ -92,7 +92,7 @@ class _Progress:
             return
         line = (
             f"epoch {self.epoch} [{step:>{len(str(self.total))}}/{self.total}] loss {loss:.4f} "
-            f"lr {lr:.3g} {images_per_s:.0f} img/s"
+            f"lr {lr:.3g} {images_per_s:.{0 if images_per_s >= 10 else 1}f} img/s"
         )
         if self.tty:
             sys.stdout.write("\r" + line)

@@ -805,11 +805,16 @@ def _round(value: Optional[float]) -> Optional[float]:
     return None if value is None or value != value else round(value, 4)
 
 
+def _shown(value: Optional[float]) -> str:
+    """A split's accuracy in the log; "-" for a split without eval images (as validate.py's table)."""
+    return "-" if value is None else f"{value}"
+
+
 def _epoch_line(row: Dict[str, Any]) -> str:
     return (
         f"epoch {row['epoch']}: lr {row['lr']:.4g} train loss {row['train_loss']:.4f} | {row['eval_split']} "
-        f"top-1 {row['top1']:.2f} (many {row['many_top1']} / medium {row['medium_top1']} / "
-        f"few {row['few_top1']}) experts {row['experts_mean']:.2f} | {row['epoch_seconds']:.1f} s"
+        f"top-1 {row['top1']:.2f} (many {_shown(row['many_top1'])} / medium {_shown(row['medium_top1'])} / "
+        f"few {_shown(row['few_top1'])}) experts {row['experts_mean']:.2f} | {row['epoch_seconds']:.1f} s"
     )
 
 
@@ -833,8 +838,9 @@ def _final_results(
         results["test"].append(r.to_dict())
         evaluated.append(r)
         _logger.info(
-            f"final test ({checkpoint}, routing {routing}): top-1 {r.top1:.2f} | many {_round(r.many_top1)} "
-            f"/ medium {_round(r.medium_top1)} / few {_round(r.few_top1)} | experts used {r.experts_mean:.2f}"
+            f"final test ({checkpoint}, routing {routing}): top-1 {r.top1:.2f} | many "
+            f"{_shown(_round(r.many_top1))} / medium {_shown(_round(r.medium_top1))} / few "
+            f"{_shown(_round(r.few_top1))} | experts used {r.experts_mean:.2f}"
         )
     text = json.dumps(results, indent=2)
     atomic_write(run_dir / "results.json", lambda tmp: Path(tmp).write_text(text))

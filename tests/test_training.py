@@ -364,6 +364,12 @@ def test_with_a_validation_split_the_best_checkpoint_is_tested(tmp_path, monkeyp
     assert (final["top1"], final["ece"]) == pytest.approx((alone[0].top1, alone[0].ece), abs=1e-4)  # rounded
 
 
+def test_the_epoch_line_shows_a_split_without_eval_images_as_a_dash():
+    row = dict(epoch=3, lr=0.1, train_loss=1.25, eval_split="test", top1=50.0, many_top1=None,
+               medium_top1=40.0, few_top1=None, experts_mean=2.0, epoch_seconds=1.5)  # fmt: skip
+    assert "top-1 50.00 (many - / medium 40.0 / few -) experts 2.00" in training._epoch_line(row)
+
+
 # ------------------------------------------------------------------------------------------- bad input
 def test_bad_input_is_one_line_from_the_command_line(tmp_path):
     result = subprocess.run(

@@ -253,6 +253,16 @@ def test_command_line(digits_checkpoint, tmp_path):
     assert [r["routing"] for r in json.loads(results_file.read_text())] == ["all", 1]
 
 
+def test_help_shows_only_defaults_that_say_something(capsys):
+    with pytest.raises(SystemExit):
+        validate.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "(default: 2)" in text and "(default: False)" in text  # -j, --amp
+    for noise in ("(default: None)", "(default: [None])", "(default: )"):
+        assert noise not in text
+    assert text.count("(default: the checkpoint's or dataset's)") == 1  # stated once, not twice
+
+
 def test_command_line_error_is_one_line(tmp_path, monkeypatch, capsys):
     """Run as a script, bad input ends with exit status 1 and one message, no traceback."""
     monkeypatch.setattr(sys, "argv", ["validate.py", "--checkpoint", str(tmp_path / "nope.safetensors")])
