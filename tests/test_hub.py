@@ -29,6 +29,7 @@ from ride_models.checkpoint import (
 )
 from ride_models.convert import convert_official_state_dict
 from ride_models.hub import UnsafeCheckpointError, read_official_checkpoint
+from ride_models.models.ride_resnet import PUBLISHED_CHECKPOINTS
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME, TAG = "ride_resnet32_3e", "cifar100_lt_r100"
@@ -469,6 +470,34 @@ def test_converting_without_a_tag_warns_that_the_card_lacks_dataset_and_accuracy
     ):
         out = hub.main(["convert", str(pth), "--model", NAME, "--out", str(tmp_path / "x")])
     assert "Dataset: (not given)" in (out / "README.md").read_text()
+
+
+# The official MODEL_ZOO.md (frank-xwang/RIDE-LongTailRecognition), typed in by hand: overall / many /
+# medium / few top-1 and the Google Drive id of each checkpoint.
+# fmt: off
+OFFICIAL_ZOO = {
+    "ride_resnet32_3e.cifar100_lt_r100": (48.6, 67.0, 49.9, 25.7, "1uE8I_2JcslWGPu4O0nAFEIk7iR_Sw5lS"),
+    "ride_resnet32_3e.cifar100_lt_r100_distill": (49.0, 67.6, 50.9, 25.2, "1W-EICEpAavKzlnayiFPvb5cDyGCBl34l"),  # noqa: E501
+    "ride_resnet32_4e.cifar100_lt_r100_distill": (49.4, 67.7, 51.3, 25.7, "11kyxcYIh3bXk3mn3Y8EENHcsx-Ld9PXH"),  # noqa: E501
+    "ride_resnet32_6e.cifar100_lt_r100": (50.2, 69.3, 52.1, 25.8, "1kq8SaoHUujqIOplsKUNRpKM7UQR0qg-k"),
+    "ride_resnext50_3e.imagenet_lt": (55.7, 67.0, 52.2, 36.0, "1d4PHfWZ_rfTRDIJG5sogK1cO0BRoi9d9"),
+    "ride_resnext50_4e.imagenet_lt_distill": (56.8, 68.3, 53.5, 35.9, "1G3aT7YzEixb0mSQBpZpuUfTT3b9YsSbz"),
+    "ride_resnext50_6e.imagenet_lt": (57.5, 68.9, 54.3, 36.5, "1hJyMgbv0JSisXCiHpC1xcHhbGXJP8K8a"),
+    "ride_resnet50_3e.inat2018": (71.2, 70.2, 71.2, 71.6, "1KVrKrQXsuzeeb2oFzjloEf2XrvIfb42u"),
+    "ride_resnet50_4e.inat2018_distill": (72.6, 70.9, 72.5, 73.1, "1PdfWVQlsTjPFDr7bTFeUUskh2RA6Mb_r"),
+    "ride_resnet50_6e.inat2018": (72.9, 71.1, 72.9, 73.3, "1DtLlx3be7WCmtVzoGBSGCiImQDJNxHGJ"),
+    "ride_resnet50_4e.inat2018_distill_200ep": (73.2, 70.5, 73.7, 73.3, "1Kz-SwP6vRx7ktZhYWLmJLG6uprkj38vp"),
+    "ride_resnet50_6e.inat2018_300ep": (74.6, 71.0, 75.7, 74.3, "1fyPJdgsLLTA7JE6uzUZmPanh1e1I8rKy"),
+}
+# fmt: on
+
+
+def test_published_checkpoints_are_the_official_zoo():
+    assert set(PUBLISHED_CHECKPOINTS) == set(OFFICIAL_ZOO)
+    for name_tag, (top1, many, medium, few, drive_id) in OFFICIAL_ZOO.items():
+        zoo = PUBLISHED_CHECKPOINTS[name_tag]
+        assert (zoo.top1, zoo.many, zoo.medium, zoo.few) == (top1, many, medium, few), name_tag
+        assert drive_id in zoo.origin_url, name_tag
 
 
 def test_published_configs():
