@@ -6,7 +6,7 @@ needed).
   accuracy falls off as training images get scarce.
 * ``experts_per_split.png``: for each routing mode, the share of the eval images of each split that used
   1, 2, ..., E experts. RIDE's router should send tail (few-shot) images on to more experts.
-* ``training_curves.png`` (train.py's run folder, redrawn every epoch): train loss and learning rate, and
+* ``training_curves.png`` (train.py's run folder, redrawn as the run goes): train loss and learning rate, and
   the per-epoch top-1 overall and on many / medium / few classes, against the epoch.
 
 matplotlib is imported only here, when a plot is drawn, through its object-oriented API (``Figure``) so

@@ -22,6 +22,7 @@ import csv
 import io
 import json
 import logging
+import math
 import os
 import random
 import sys
@@ -115,7 +116,10 @@ DATASET_PRESETS = {
 ROUTER_PRESET = dict(lr=0.01, weight_decay=5e-4, batch_size=512, epochs=5, sched="cosine", warmup_epochs=0)
 # The official CIFAR distillation config warms up for 20 epochs instead of 5.
 DISTILL_PRESETS = {"cifar": dict(warmup_epochs=20)}
-TRAINING_PLOT = "training_curves.png"  # redrawn every epoch from summary.csv's rows
+# The training curves, from summary.csv's rows: drawn after the first and the last epoch and, in between,
+# after an epoch that ends a minute or more after the last drawing (a drawing takes a few tenths of a second,
+# more than a GPU's CIFAR epoch can spare each time).
+TRAINING_PLOT, PLOT_EVERY_S = "training_curves.png", 60.0
 # Datasets with a validation split distinct from the test split: "best" is chosen on it.
 VALIDATION_DATASETS = {"imagenet_lt", "places_lt"}
 # Arguments a resumed run may change; every other one must match the interrupted run.
@@ -708,6 +712,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         result.model, result.dataset = args.model, args.dataset
         return result
 
+    last_plot = -math.inf
     for epoch in range(start_epoch, args.epochs + 1):
         seed_epoch(args.seed, epoch, d.rank)
         data.set_epoch(args.seed, epoch)
@@ -758,9 +763,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                 ),
             )
             _write_summary(run_dir / "summary.csv", rows)
-            plot_training_curves(
-                rows, run_dir / TRAINING_PLOT, f"{args.model}, stage {args.stage}, {args.dataset}"
-            )
+            if epoch == args.epochs or time.perf_counter() - last_plot >= PLOT_EVERY_S:
+                title = f"{args.model}, stage {args.stage}, {args.dataset}"
+                plot_training_curves(rows, run_dir / TRAINING_PLOT, title)
+                last_plot = time.perf_counter()
         d.barrier()
 
     results = _final_results(args, eval_model, data, run_dir, best_name, evaluator) if d.is_main else {}

@@ -364,6 +364,17 @@ def test_with_a_validation_split_the_best_checkpoint_is_tested(tmp_path, monkeyp
     assert (final["top1"], final["ece"]) == pytest.approx((alone[0].top1, alone[0].ece), abs=1e-4)  # rounded
 
 
+def test_training_curves_are_drawn_after_the_first_and_last_epochs_and_once_a_minute(tmp_path, monkeypatch):
+    drawn = []
+    monkeypatch.setattr(training, "plot_training_curves", lambda rows, path, title: drawn.append(len(rows)))
+    _train(tmp_path, "curves", "--epochs", "3")  # epochs of a few seconds: no minute has passed at epoch 2
+    assert drawn == [1, 3]
+    monkeypatch.setattr(training, "PLOT_EVERY_S", 0.0)
+    drawn.clear()
+    _train(tmp_path, "every", "--epochs", "3")
+    assert drawn == [1, 2, 3]
+
+
 def test_the_epoch_line_shows_a_split_without_eval_images_as_a_dash():
     row = dict(epoch=3, lr=0.1, train_loss=1.25, eval_split="test", top1=50.0, many_top1=None,
                medium_top1=40.0, few_top1=None, experts_mean=2.0, epoch_seconds=1.5)  # fmt: skip
