@@ -24,6 +24,7 @@ outputs (+ classifier MACs where a thop rule existed); the tests check this iden
 
 from __future__ import annotations
 
+import numbers
 import re
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple, Union
@@ -31,7 +32,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from ride_models.models.ride_resnet import NormedLinear, RIDEResNet
+from ride_models.models.ride_resnet import NormedLinear, RIDEResNet, require_ride_model
 
 __all__ = ["MacsBreakdown", "count_macs"]
 
@@ -109,10 +110,21 @@ def _layer_macs(module: nn.Module, inputs: Tuple[torch.Tensor, ...], output: tor
 def count_macs(model: RIDEResNet, input_size: Optional[Tuple[int, int, int]] = None) -> MacsBreakdown:
     """Count a RIDE model's MACs per image, by part, for inputs of ``input_size`` (C, H, W).
 
-    The input size defaults to the model's pretrained config (32x32 for CIFAR models, 224x224 otherwise).
+    The input size defaults to the model's pretrained config (32x32 for CIFAR models, 224x224 otherwise), with
+    the model's own input channels.
     """
+    require_ride_model(model)
     if input_size is None:
-        input_size = tuple(getattr(model, "pretrained_cfg", {}).get("input_size", (model.in_chans, 224, 224)))
+        size = tuple(getattr(model, "pretrained_cfg", {}).get("input_size", (3, 224, 224)))
+        input_size = (model.in_chans, *size[1:])
+    if not (
+        isinstance(input_size, Sequence)
+        and len(input_size) == 3
+        and all(isinstance(n, numbers.Integral) and n > 0 for n in input_size)
+    ):
+        raise ValueError(
+            f"input_size must be (C, H, W), three positive ints, e.g. (3, 32, 32); got {input_size!r}"
+        )
     num_experts = model.num_experts
     shared, experts = 0, [0] * num_experts
     classifiers, router = [0] * num_experts, [0] * max(num_experts - 1, 0)
@@ -133,15 +145,16 @@ def count_macs(model: RIDEResNet, input_size: Optional[Tuple[int, int, int]] = N
 
         return hook
 
-    handles = [
-        m.register_forward_hook(part_of(name))
-        for name, m in model.named_modules()
-        if isinstance(m, (nn.Conv2d, nn.Linear, NormedLinear))
-    ]
     was_training = model.training
     param = next(model.parameters())
     x = torch.zeros(1, *input_size, device=param.device, dtype=param.dtype)
-    try:
+    handles = []
+    try:  # the hooks come off whatever happens: a failed count must leave the model as it was
+        handles = [
+            m.register_forward_hook(part_of(name))
+            for name, m in model.named_modules()
+            if isinstance(m, (nn.Conv2d, nn.Linear, NormedLinear))
+        ]
         model.eval()
         if model.num_classes > 0 and num_experts > 1:
             model.forward_router_train(x)  # every expert, classifier and routing decision once

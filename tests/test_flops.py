@@ -196,3 +196,22 @@ def test_bad_arguments():
         b.for_routing("router")
     with pytest.raises(ValueError, match="unknown routing"):
         b.for_routing("fast")
+
+
+def test_count_macs_refuses_bad_input_and_leaves_the_model_as_it_was():
+    model = timm.create_model("ride_resnet32_2e", num_classes=10)
+    before = count_macs(model)
+    for size in (32, (3, 32), (3, 32, 32.0), (0, 32, 32)):
+        with pytest.raises(ValueError, match=r"input_size must be \(C, H, W\), three positive ints"):
+            count_macs(model, size)
+    assert count_macs(model) == before  # no hook left behind by the refused calls
+    assert all(not m._forward_hooks for m in model.modules())
+    with pytest.raises(ValueError, match="ResNet is not a RIDE model"):
+        count_macs(timm.create_model("resnet18"))
+
+
+def test_count_macs_takes_the_model_input_channels():
+    # One input channel instead of three: only the stem convolution changes, 16 x 3 x 3 x 32 x 32 MACs per
+    # channel, so the shared part is 24,035,328 - 2 x 147,456 = 23,740,416.
+    macs = count_macs(timm.create_model("ride_resnet32_2e", num_classes=10, in_chans=1))
+    assert macs.shared == 23_740_416 and macs.experts == (25_436_160, 25_436_160)
