@@ -47,9 +47,19 @@ def lr_at_epoch(
     warmup_epochs: int = 0,
     min_lr: float = 0.0,
 ) -> float:
-    """Learning rate of the 1-based ``epoch`` for ``schedule`` ``"step"`` or ``"cosine"``."""
+    """Learning rate of the 1-based ``epoch`` (of ``epochs``) for ``schedule`` ``"step"`` or ``"cosine"``."""
     if epoch < 1:
         raise ValueError(f"epochs are numbered from 1, got {epoch}")
+    if epochs < 1 or epoch > epochs:
+        raise ValueError(f"epoch {epoch} is outside the schedule's epochs 1..{epochs}")
+    if base_lr < 0 or min_lr < 0:
+        raise ValueError(f"learning rates cannot be negative: base_lr {base_lr}, min_lr {min_lr}")
+    if not (isinstance(milestones, Sequence) and all(isinstance(m, int) for m in milestones)):
+        raise ValueError(f"milestones must be a list of epochs, e.g. [160, 180]; got {milestones!r}")
+    if gamma <= 0:
+        raise ValueError(f"gamma (the decay factor at each milestone) must be above 0, e.g. 0.1; got {gamma}")
+    if not isinstance(warmup_epochs, int) or warmup_epochs < 0:
+        raise ValueError(f"warmup_epochs must be a whole number of epochs >= 0; got {warmup_epochs!r}")
     if schedule == "step":
         return step_lr(epoch, base_lr, milestones, gamma, warmup_epochs)
     if schedule == "cosine":

@@ -541,6 +541,10 @@ def _check_new_run(args: argparse.Namespace) -> None:
         raise ValueError(f"--epochs must be at least 1, got {args.epochs}")
     if Path(args.output).exists() and not Path(args.output).is_dir():
         raise ValueError(f"--output {args.output} is a file; give a folder (run folders are made inside it)")
+    try:
+        epoch_lr(args, 1)
+    except ValueError as error:  # e.g. a negative --lr or --decay-rate
+        raise ValueError(f"the schedule (--lr, --decay-epochs, --decay-rate): {error}") from None
     if args.stage != "distill":
         given = [flag for flag in ("teacher", "teacher_checkpoint") if getattr(args, flag)]
         if given:

@@ -44,5 +44,19 @@ def test_cifar_schedule_by_hand():
 def test_bad_arguments():
     with pytest.raises(ValueError, match="numbered from 1"):
         lr_at_epoch(0, schedule="step", base_lr=0.1, epochs=10)
+    # Past its end a cosine schedule would climb back to base_lr (epoch 21 of 10: cos(2 pi) = 1): refused.
+    with pytest.raises(ValueError, match=r"epoch 21 is outside the schedule's epochs 1..10"):
+        lr_at_epoch(21, schedule="cosine", base_lr=0.1, epochs=10)
+    with pytest.raises(ValueError, match=r"epoch 1 is outside the schedule's epochs 1..0"):
+        lr_at_epoch(1, schedule="cosine", base_lr=0.1, epochs=0)
+    step = dict(schedule="step", base_lr=0.1, epochs=200)
+    with pytest.raises(ValueError, match=r"warmup_epochs must be a whole number of epochs >= 0; got 2.5"):
+        lr_at_epoch(3, **step, warmup_epochs=2.5)  # would give 0.12 > base_lr at epoch 3
+    with pytest.raises(ValueError, match=r"milestones must be a list of epochs, e.g. \[160, 180\]; got 160"):
+        lr_at_epoch(3, **step, milestones=160)
+    with pytest.raises(ValueError, match="gamma .* must be above 0"):
+        lr_at_epoch(3, **step, milestones=[2], gamma=-0.1)
+    with pytest.raises(ValueError, match="learning rates cannot be negative"):
+        lr_at_epoch(3, schedule="step", base_lr=-0.1, epochs=200)
     with pytest.raises(ValueError, match="unknown schedule"):
         lr_at_epoch(1, schedule="linear", base_lr=0.1, epochs=10)

@@ -439,6 +439,8 @@ def test_resume_refuses_changed_arguments(tmp_path):
         (["--epochs", "0"], "--epochs must be at least 1, got 0"),
         (["--teacher", "ride_resnet32_3e"], "--teacher only applies to --stage distill"),
         (["--output", "FILE"], "is a file; give a folder"),
+        (["--decay-rate", "-0.1"], r"the schedule \(--lr, .*gamma .* must be above 0, e.g. 0.1; got -0.1"),
+        (["--lr", "-1"], r"the schedule .*learning rates cannot be negative: base_lr -1.0"),
     ],
 )
 def test_bad_input_stops_before_a_run_folder(tmp_path, flags, message):
