@@ -70,9 +70,9 @@ def save_weights(
 ) -> None:
     """Write a state dict as ``.safetensors`` (contiguous CPU copies; metadata values are strings)."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    atomic_write(
-        path, lambda tmp: save_file(tensors, tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})
-    )
+    # No metadata rather than an empty one: safetensors writes an unreadable header for no tensors and {}.
+    strings = {k: str(v) for k, v in metadata.items()} if metadata else None
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=strings))
 
 
 def save_training_state(path: str | Path, state: Dict[str, Any]) -> None:
@@ -95,7 +95,7 @@ def load_training_state(path: str | Path) -> Dict[str, Any]:
             f"no training state at {path}: --resume takes a run folder or its last_state.pt"
         )
     resume_takes = "--resume takes the run folder (or its last_state.pt)"
-    if path.suffix == ".safetensors":
+    if _file_format(path) == "safetensors":
         raise ValueError(
             f"{path} holds weights only: {resume_takes}, which also has the optimizer, epoch and arguments; "
             "to start a new run from these weights, use --initial-checkpoint"
@@ -219,14 +219,16 @@ def safe_torch_load(path: str | Path, what: str = "a checkpoint", fix: str = "do
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
+        # An open file, not its name: recent torch hands a name ending in .safetensors to safetensors.
         if not zipfile.is_zipfile(path):  # torch's legacy format: plain weights_only loading only
-            return torch.load(path, map_location="cpu", weights_only=True)
+            with open(path, "rb") as f:
+                return torch.load(f, map_location="cpu", weights_only=True)
         names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
         allowed = [(_resolve_global(n), n) for n in names]
         if "numpy.dtype" in names and hasattr(np, "dtypes"):  # a dtype is rebuilt as an instance of these
             allowed += [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
-        with torch.serialization.safe_globals(allowed):
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(allowed), open(path, "rb") as f:
+            checkpoint = torch.load(f, map_location="cpu", weights_only=True)
     except (AttributeError, ImportError, NameError):
         raise  # this code against the installed torch, not the file
     except Exception as error:
@@ -244,6 +246,19 @@ def safe_torch_load(path: str | Path, what: str = "a checkpoint", fix: str = "do
     return checkpoint
 
 
+def _file_format(path: Path) -> str:
+    """A weights file's format, safetensors or torch, from its first bytes where they tell (a file may be
+    misnamed: a ``.pth`` written by :func:`save_weights`), else from its suffix (a damaged file then gets
+    the message of the format its name says)."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # torch.save: a zip archive, or a legacy pickle
+        return "torch"
+    if len(head) == 9 and head[8:9] == b"{":  # safetensors: an 8-byte header length, then the JSON header
+        return "safetensors"
+    return "safetensors" if path.suffix == ".safetensors" else "torch"
+
+
 def read_state_dict(path: str | Path) -> Dict[str, torch.Tensor]:
     """The state dict in a weights file: ``.safetensors``, or a ``.pth``/``.pt``/``.bin`` file holding a state
     dict directly or under ``state_dict`` / ``model`` (an official RIDE training checkpoint included), read
@@ -251,7 +266,7 @@ def read_state_dict(path: str | Path) -> Dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
+    if _file_format(path) == "safetensors":
         try:
             return load_file(path)
         except SafetensorError as error:

@@ -375,6 +375,16 @@ def test_truncated_and_corrupted_safetensors(tmp_path):
         load_model(NAME, checkpoint=tmp_path / "half.safetensors")
 
 
+def test_weights_files_are_read_by_their_content_not_their_name(tmp_path):
+    weights = {"conv1.weight": torch.randn(16, 3, 3, 3)}
+    save_weights(tmp_path / "safetensors.pth", weights)  # safetensors under a torch name
+    torch.save(weights, tmp_path / "torch.safetensors")  # and the other way round
+    for name in ("safetensors.pth", "torch.safetensors"):
+        assert torch.equal(read_state_dict(tmp_path / name)["conv1.weight"], weights["conv1.weight"]), name
+    save_weights(tmp_path / "empty.safetensors", {})  # no tensors (and no metadata): still readable
+    assert read_state_dict(tmp_path / "empty.safetensors") == {}
+
+
 def test_resume_reads_only_a_sound_training_state(tmp_path):
     run, weights = tmp_path / "run", {"conv1.weight": torch.randn(16, 3, 3, 3), "w": torch.randn(99)}
     save_training_state(run / "last_state.pt", {"epoch": 3, "args": {"lr": 0.1}, "model": weights})
