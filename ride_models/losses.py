@@ -109,6 +109,11 @@ def _stack_experts(expert_logits: Logits) -> Tensor:
 
 def check_target(target: Tensor, batch: int, num_classes: int) -> None:
     """Refuse a ``target`` that is not ``batch`` class indices in 0..num_classes-1, with the fix."""
+    if not isinstance(target, Tensor):
+        raise ValueError(
+            f"target must be a tensor of class indices [B]; got {type(target).__name__}. Pass "
+            "torch.as_tensor(target)"
+        )
     if target.dtype.is_floating_point or target.dtype == torch.bool or target.dim() != 1:
         raise ValueError(
             f"target must be a 1-D integer tensor of class indices [B]; got dtype {target.dtype} and shape "
@@ -267,6 +272,7 @@ class _SingleOutputLoss(_ClassCountLoss):
                 raise ValueError(f"expected logits [B, C] or [B, E, C]; got shape {tuple(logits.shape)}")
             self._check_num_classes(logits.shape[1])
             check_target(target, logits.shape[0], logits.shape[1])
+            target = target.long()  # int32 / uint8 indices: torch takes int64 (uint8 would index as a mask)
             return self.classification_loss(logits, target)
 
     def extra_repr(self) -> str:
@@ -469,6 +475,7 @@ class RIDELoss(_ClassCountLoss):
             batch, num_experts, num_classes = logits.shape
             self._check_num_classes(num_classes)
             check_target(target, batch, num_classes)
+            target = target.long()  # int32 / uint8 indices: torch takes int64 (uint8 would index as a mask)
             if self.diversity_weight == 0.0 and self.zero_weight_uses_ensemble:
                 return num_experts * self.base.classification_loss(logits.mean(dim=1), target)
             # sum_e of the (weighted) batch means = the weighted batch mean of the per-sample sums over e.

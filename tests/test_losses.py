@@ -452,11 +452,24 @@ def test_target_out_of_range(bad):
             create_loss(name)(torch.zeros(2, 3, 4), torch.tensor(bad))
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8])
+def test_any_integer_target_dtype_gives_the_reference_value(ref, dtype):
+    tensors, cases = ref
+    for case_name in ("ce_plain", "ldam_drw160_ep170", "ride_adf-0.45_rf0.05_ep170"):
+        name, kwargs = CASES[case_name]
+        loss = create_loss(name, tensors["inputs.cls_num_list"], **kwargs)
+        loss.set_epoch(cases[case_name]["hook_before_epoch"] or 1)
+        value = loss(tensors["inputs.expert_logits"], tensors["inputs.target"].to(dtype))
+        torch.testing.assert_close(value, tensors[f"{case_name}.loss_fp32"], rtol=1e-5, atol=0)
+
+
 def test_other_bad_inputs():
     with pytest.raises(ValueError, match=r"need every expert's logits \[B, E, C\].*shape \(2, 4\)"):
         create_loss("ce_diversity")(torch.zeros(2, 4), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match=r"1-D integer tensor of class indices"):
         create_loss("ce")(torch.zeros(2, 4), torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match=r"target must be a tensor of class indices \[B\]; got list"):
+        create_loss("ce")(torch.zeros(2, 4), [0, 1])
     with pytest.raises(ValueError, match=r"LDAM needs cls_num_list"):
         create_loss("ldam_diversity")
     with pytest.raises(ValueError, match=r"reweight_epoch=-1 means 'never', which is drw_epoch=None"):
