@@ -55,6 +55,8 @@ def long_tail_counts(num_classes: int, img_max: float, ratio: float) -> list[int
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     if num_classes == 1:
+        if int(img_max) < 1:
+            raise ValueError(f"img_max {img_max} gives the one class no image; it must be at least 1")
         return [int(img_max)]
     imb_factor = 1.0 / ratio  # the official argument is this factor (0.01 for ratio 100), same float
     counts = [int(img_max * imb_factor ** (i / (num_classes - 1.0))) for i in range(num_classes)]
@@ -115,6 +117,8 @@ def select_per_class(labels: Sequence[int] | np.ndarray, counts: Sequence[int], 
     kept = []
     for c, n in enumerate(counts):
         idx = np.flatnonzero(labels == c)
+        if n < 0:  # idx[:n] would silently keep all but |n| images
+            raise ValueError(f"counts[{c}] is {n}: images to keep per class cannot be negative")
         if n > idx.size:
             raise ValueError(
                 f"class {c} has {idx.size} images but the long-tail profile asks for {n}; "
