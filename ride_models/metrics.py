@@ -20,6 +20,7 @@ Conventions (those of the official RIDE test script where it has one):
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from torch import Tensor, nn
 
 from ride_models.data.sampling import shot_splits
 from ride_models.flops import MacsBreakdown
+from ride_models.losses import check_target
 from ride_models.models.ride_resnet import require_ride_model
 
 __all__ = [
@@ -72,15 +74,40 @@ def _topk_hits(top: Tensor, target: Tensor, ks: Iterable[int]) -> List[Tensor]:
     return [match[:, : min(k, top.shape[1])].any(dim=1) for k in ks]
 
 
+def _class_indices(target: Any, batch: int, num_classes: int) -> Tensor:
+    """``target`` as ``[batch]`` class indices in 0..num_classes-1, or a ValueError that says what to pass.
+
+    A tensor, array or list of shape ``[B]``, or ``[B, 1]`` (flattened; a label column was always taken).
+    Float and bool labels are refused, not truncated. The range is checked on CPU tensors only
+    (``check_target`` does not read a CUDA tensor back, to keep the caller free of host syncs).
+    """
+    target = torch.as_tensor(target)
+    if target.dim() == 2 and target.shape[1] == 1:
+        target = target.flatten()
+    check_target(target, batch, num_classes)
+    return target
+
+
 def accuracy(logits: Tensor, target: Tensor, topk: Sequence[int] = (1, 5)) -> List[float]:
     """Top-k accuracy in percent for each k in ``topk`` (k larger than C counts as C).
 
     Args:
         logits: ``[B, C]`` scores.
-        target: ``[B]`` class indices.
+        target: ``[B]`` (or ``[B, 1]``) integer class indices in 0..C-1; a tensor, array or list.
     """
+    logits = torch.as_tensor(logits)
+    if logits.dim() != 2:
+        raise ValueError(
+            f"logits must be [B, C] scores, got shape {tuple(logits.shape)}. For the per-expert logits "
+            "[B, E, C] of forward_experts, pass their mean logits.mean(dim=1) (the model's output) or one "
+            "expert's logits[:, e]."
+        )
     if logits.shape[0] == 0:
         raise ValueError("accuracy of an empty batch is undefined")
+    if not topk or any(isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1 for k in topk):
+        raise ValueError(f"topk must be whole numbers k >= 1, e.g. (1, 5); got {topk!r}")
+    # On the CPU, so that the range is checked wherever the logits are (.item() below syncs anyway).
+    target = _class_indices(torch.as_tensor(target).detach().cpu(), logits.shape[0], logits.shape[1])
     top = topk_predictions(logits, max(topk))
     return [hit.float().mean().item() * 100.0 for hit in _topk_hits(top, target.to(top.device), topk)]
 
@@ -102,13 +129,14 @@ def per_class_accuracy(
 
     Args:
         pred: ``[N]`` predicted class of each image.
-        target: ``[N]`` true class of each image.
+        target: ``[N]`` (or ``[N, 1]``) true class of each image: integer class indices in 0..C-1.
         num_classes: C.
     """
     pred = torch.as_tensor(pred).flatten().cpu().long().numpy()
-    target = torch.as_tensor(target).flatten().cpu().long().numpy()
-    if pred.shape != target.shape:
-        raise ValueError(f"pred has {pred.size} entries, target {target.size}")
+    target = torch.as_tensor(target).cpu()
+    if pred.size != target.numel():
+        raise ValueError(f"pred has {pred.size} entries, target {target.numel()}")
+    target = _class_indices(target, pred.size, num_classes).long().numpy()
     return _class_means(pred == target, target, num_classes) * 100.0
 
 
@@ -150,10 +178,30 @@ def expected_calibration_error(confidence: Tensor, correct: Tensor, n_bins: int 
         correct: ``[N]`` bool (or 0/1): was the prediction right.
         n_bins: number of bins (15 as in Guo et al. and most long-tail papers).
     """
+    if isinstance(n_bins, bool) or not isinstance(n_bins, numbers.Integral) or n_bins < 1:
+        raise ValueError(f"n_bins must be a whole number of bins >= 1 (15 as in Guo et al.), got {n_bins!r}")
     confidence = torch.as_tensor(confidence).flatten().cpu().double()
-    correct = torch.as_tensor(correct).flatten().cpu().double()
+    correct = torch.as_tensor(correct).flatten().cpu()
     if confidence.numel() == 0 or confidence.shape != correct.shape:
         raise ValueError(f"need matching non-empty inputs, got {confidence.numel()} and {correct.numel()}")
+    finite = torch.isfinite(confidence)
+    if not finite.all():
+        raise ValueError(
+            f"confidence must be finite; {int((~finite).sum())} of {confidence.numel()} values are NaN or "
+            "inf (from NaN or inf logits): check the model's outputs"
+        )
+    low, high = confidence.min().item(), confidence.max().item()
+    if low < 0.0 or high > 1.0:
+        raise ValueError(
+            f"confidence must be a probability in [0, 1], got values in [{low:g}, {high:g}]; pass the max "
+            "softmax probability, logits.softmax(dim=1).amax(dim=1), not the logits"
+        )
+    if correct.dtype != torch.bool and not ((correct == 0) | (correct == 1)).all():
+        raise ValueError(
+            f"correct must be bool or 0/1 (was each prediction right), got the values "
+            f"{correct.unique()[:6].tolist()}; pass pred == target"
+        )
+    correct = correct.double()
     edges = torch.linspace(0.0, 1.0, n_bins + 1, dtype=torch.float64)
     # bucketize(right=False) gives i with edges[i] < x <= edges[i + 1] for the inner edges.
     bins = torch.bucketize(confidence, edges[1:-1], right=False)

@@ -54,6 +54,38 @@ def test_ties_go_to_the_lower_class_index_as_argmax():
     assert accuracy(logits, torch.tensor([1]), topk=(1,)) == [100.0]
 
 
+def test_accuracy_takes_a_label_column_an_array_or_a_list():
+    logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1], [0.3, 0.3, 0.4]])  # argmax 1, 0, 2
+    # targets 1, 2, 2: samples 0 and 2 right = 2/3; the top 2 of sample 1 are 0, then 1 (tie, lower index):
+    # 2 is not among them, so top-2 is also 2/3.
+    expected = pytest.approx([200 / 3, 200 / 3])
+    assert accuracy(logits, torch.tensor([[1], [2], [2]]), topk=(1, 2)) == expected  # [B, 1]
+    assert accuracy(logits, np.array([1, 2, 2]), topk=(1, 2)) == expected
+    assert accuracy(logits, [1, 2, 2], topk=(1, 2)) == expected
+
+
+def test_accuracy_refuses_bad_logits_and_targets():
+    logits = torch.eye(3) * 5
+    # Class 3 of 3 classes used to count as a plain miss.
+    with pytest.raises(ValueError, match=r"class indices in \[1, 3\], but the logits have C = 3.*0\.\.2"):
+        accuracy(logits, torch.tensor([1, 2, 3]), topk=(1,))
+    with pytest.raises(ValueError, match=r"class indices in \[-1, 1\]"):
+        accuracy(logits, torch.tensor([0, 1, -1]), topk=(1,))
+    # Per-expert logits [B, E, C] (forward_experts), here with B == E == 3.
+    with pytest.raises(ValueError, match=r"logits must be \[B, C\].*\(3, 3, 4\).*logits\.mean\(dim=1\)"):
+        accuracy(torch.zeros(3, 3, 4), torch.tensor([0, 1, 2]), topk=(1,))
+    with pytest.raises(
+        ValueError, match=r"integer tensor of class indices.*torch\.float32.*target\.long\(\)"
+    ):
+        accuracy(logits, torch.tensor([0.0, 1.0, 2.0]), topk=(1,))
+    with pytest.raises(ValueError, match=r"shape \(3, 3\).*not one-hot"):
+        accuracy(logits, torch.eye(3, dtype=torch.long), topk=(1,))
+    with pytest.raises(ValueError, match="target has 2 entries but the logits have batch size 3"):
+        accuracy(logits, torch.tensor([0, 1]), topk=(1,))
+    with pytest.raises(ValueError, match=r"topk must be whole numbers k >= 1.*\(0, 1\)"):
+        accuracy(logits, torch.tensor([0, 1, 2]), topk=(0, 1))
+
+
 # ------------------------------------------------------------------------------------ per-class, shots
 
 
@@ -66,8 +98,20 @@ def test_per_class_accuracy_with_an_absent_class():
     np.testing.assert_allclose(acc, [50.0, 50.0, 100.0, np.nan])
     # numpy input gives the same
     np.testing.assert_allclose(per_class_accuracy(pred.numpy(), target.numpy(), 4), acc)
-    with pytest.raises(ValueError, match=r"outside \[0, 3\)"):
+    with pytest.raises(ValueError, match=r"class indices in \[0, 3\].*valid indices 0\.\.2"):
         per_class_accuracy([0, 1], [0, 3], num_classes=3)
+
+
+def test_per_class_accuracy_refuses_float_and_bool_labels():
+    # 0.9 used to be truncated to class 0 (and counted right).
+    with pytest.raises(
+        ValueError, match=r"integer tensor of class indices.*torch\.float32.*target\.long\(\)"
+    ):
+        per_class_accuracy(torch.tensor([0]), torch.tensor([0.9]), 3)
+    with pytest.raises(ValueError, match=r"torch\.bool"):
+        per_class_accuracy(torch.tensor([0, 1]), torch.tensor([False, True]), 3)
+    # A label column [N, 1] reads as [N]: class 0 right, class 2 wrong.
+    np.testing.assert_allclose(per_class_accuracy([0, 1], torch.tensor([[0], [2]]), 3), [100.0, np.nan, 0.0])
 
 
 def test_shot_accuracy_is_the_mean_over_classes_with_the_official_thresholds():
@@ -123,6 +167,29 @@ def test_ece_with_one_bin_is_the_gap_between_accuracy_and_mean_confidence():
     # accuracy 2/4 = 0.5, mean confidence (0.9 + 0.8 + 0.6 + 0.5) / 4 = 0.7: ECE 20 %
     ece = expected_calibration_error(torch.tensor([0.9, 0.8, 0.6, 0.5]), torch.tensor([1, 1, 0, 0]), n_bins=1)
     assert ece == pytest.approx(20.0)
+
+
+def test_ece_takes_confidences_0_and_1_and_float_correct():
+    # 15 bins: 0.0 goes to the first bin, 1.0 to the last.
+    #   bin 14: {1.0 right, 1.0 wrong}: |0.5 - 1.0| * 2/4 = 0.25
+    #   bin 0:  {0.0 wrong, 0.0 right}: |0.5 - 0.0| * 2/4 = 0.25;  ECE = 0.5 = 50 %
+    ece = expected_calibration_error(torch.tensor([1.0, 1.0, 0.0, 0.0]), torch.tensor([1.0, 0.0, 0.0, 1.0]))
+    assert ece == pytest.approx(50.0)
+
+
+def test_ece_refuses_bad_input():
+    conf, right = torch.tensor([0.5, 0.8]), torch.tensor([True, False])
+    for n_bins in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match=f"n_bins must be a whole number of bins >= 1.*got {n_bins}"):
+            expected_calibration_error(conf, right, n_bins=n_bins)
+    with pytest.raises(ValueError, match=r"probability in \[0, 1\], got values in \[0.5, 3.5\].*softmax"):
+        expected_calibration_error(torch.tensor([0.5, 3.5]), right)
+    with pytest.raises(ValueError, match=r"got values in \[-0.1, 0.8\]"):
+        expected_calibration_error(torch.tensor([-0.1, 0.8]), right)
+    with pytest.raises(ValueError, match="confidence must be finite; 1 of 2 values are NaN or inf"):
+        expected_calibration_error(torch.tensor([math.nan, 0.8]), right)
+    with pytest.raises(ValueError, match=r"correct must be bool or 0/1.*\[0, 2\].*pred == target"):
+        expected_calibration_error(conf, torch.tensor([2, 0]))
 
 
 # ------------------------------------------------------------------------------------ small utilities
