@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ride_models.data.datasets import load_class_counts
 from ride_models.data.sampling import shot_splits
 from ride_models.flops import MacsBreakdown
 from ride_models.losses import check_target
@@ -164,6 +165,12 @@ def shot_accuracy(per_class_acc: np.ndarray, class_counts: Sequence[int]) -> Dic
     per_class_acc = np.asarray(per_class_acc, dtype=np.float64)
     if len(class_counts) != per_class_acc.size:
         raise ValueError(f"{len(class_counts)} class counts for {per_class_acc.size} per-class accuracies")
+    # Negative, NaN and fractional counts are refused (they were filed under "few" or "medium" silently);
+    # 0 is taken, as the data package's loader of counts takes it: a class without training images is a
+    # real case (a label space wider than the training split), it has fewer than 20 images, so "few" by
+    # the official thresholds, and its accuracy belongs in the few-shot mean. (The losses refuse 0: their
+    # log-prior of a class needs a count > 0; the metrics need none.)
+    class_counts = load_class_counts(class_counts, per_class_acc.size)
     return {name: _nanmean(per_class_acc[idx]) for name, idx in shot_splits(class_counts).items()}
 
 
@@ -414,6 +421,7 @@ def evaluate(
             f"{len(class_counts)} training class counts for a model with {num_classes} classes; "
             "class_counts must give the training images of every class the model predicts"
         )
+    class_counts = load_class_counts(class_counts, num_classes)  # whole numbers >= 0, as in shot_accuracy
     device = torch.device(device)
     autocast = (
         torch.autocast(device_type=device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
@@ -448,7 +456,7 @@ def evaluate(
     top = torch.cat(tops).cpu()  # [N, min(5, C)]
     confidence = torch.cat(confidences).cpu()  # [N]
     used = torch.cat(used).cpu().long()  # [N]
-    result = _summarize(mode, target, top, confidence, used, list(class_counts), num_experts, macs)
+    result = _summarize(mode, target, top, confidence, used, class_counts, num_experts, macs)
     result.model = (getattr(model, "pretrained_cfg", None) or {}).get("architecture", type(model).__name__)
     result.dataset = getattr(getattr(loader, "dataset", None), "name", "")
     return result

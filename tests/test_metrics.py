@@ -134,6 +134,19 @@ def test_shot_accuracy_checks_the_class_count():
         shot_accuracy(np.array([1.0, 2.0]), [1, 2, 3])
 
 
+def test_shot_accuracy_refuses_negative_nan_and_fractional_counts():
+    acc = np.array([10.0, 20.0, 30.0])
+    for counts in ([200, -5, 5], [200, math.nan, 5], [200, 50.5, 5]):  # were filed under few / medium
+        with pytest.raises(ValueError, match=r"training images per class \(whole numbers, >= 0\)"):
+            shot_accuracy(acc, counts)
+
+
+def test_shot_accuracy_files_a_class_without_training_images_as_few():
+    # class 0: 200 -> many; classes 1 (0 images) and 2 (5) -> few: (20 + 30) / 2 = 25; no medium class.
+    shots = shot_accuracy(np.array([10.0, 20.0, 30.0]), np.array([200.0, 0.0, 5.0]))  # whole floats are fine
+    assert shots["many"] == 10.0 and shots["few"] == 25.0 and math.isnan(shots["medium"])
+
+
 # ------------------------------------------------------------------------------------------------- ECE
 
 
@@ -368,6 +381,8 @@ def test_evaluate_under_autocast_in_channels_last():
 def test_evaluate_refuses_bad_input(scripted_model):
     with pytest.raises(ValueError, match="5 training class counts for a model with 6 classes"):
         evaluate(scripted_model, scripted_loader(), class_counts=[1, 2, 3, 4, 5])
+    with pytest.raises(ValueError, match=r"whole numbers, >= 0\).*got \[150, 120, 60, -5, 30, 5\]"):
+        evaluate(scripted_model, scripted_loader(), class_counts=[150, 120, 60, -5, 30, 5])
     with pytest.raises(ValueError, match="no batch"):
         evaluate(scripted_model, [], class_counts=CLASS_COUNTS)
     with pytest.raises(ValueError, match="not a RIDE model.*ride_"):
