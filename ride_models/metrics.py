@@ -401,14 +401,20 @@ def evaluate(
     Args:
         model: a RIDE model, already on ``device`` (and in channels-last memory format if
             ``channels_last``). It runs in eval mode; its train/eval mode and routing are restored after.
-        loader: yields ``(x [B, 3, H, W], y [B])``: a ``DataLoader`` or a ``DeviceDataLoader``.
-        class_counts: ``[C]`` training images per class (for many / medium / few).
+        loader: yields ``(x [B, 3, H, W], y [B])``: a ``DataLoader`` or a ``DeviceDataLoader``; ``y`` holds
+            integer class indices in 0..C-1 (a ``[B, 1]`` column is taken too). Empty batches are skipped.
+        class_counts: ``[C]`` training images per class (for many / medium / few): whole numbers >= 0.
         device: where the inputs go.
         routing: ``"all"``, ``"router"``, an int k, or None for the model's current routing.
         amp_dtype: run under ``torch.autocast`` with this dtype (float16 / bfloat16); None for float32.
         channels_last: pass the inputs in channels-last memory format.
         macs: the model's MACs breakdown at the eval input size (``ride_models.flops.count_macs``), for
-            ``gmacs_per_image``; None leaves it out.
+            ``gmacs_per_image``; None leaves it out. A breakdown for another expert count is refused.
+
+    Raises:
+        ValueError: for a batch that is not an ``(x, y)`` pair, labels that are not ``[B]`` class indices of
+            the model's classes (float, one-hot, another length), a loader without images, or NaN / inf
+            logits; each message says which batch and what to pass.
 
     Returns:
         An :class:`EvalResult`. Only per-sample records (label, top-5 classes, confidence, experts used)
@@ -422,6 +428,15 @@ def evaluate(
             "class_counts must give the training images of every class the model predicts"
         )
     class_counts = load_class_counts(class_counts, num_classes)  # whole numbers >= 0, as in shot_accuracy
+    if macs is not None and not isinstance(macs, MacsBreakdown):
+        raise TypeError(
+            f"macs must be a MacsBreakdown from count_macs(model) or None, got {type(macs).__name__}"
+        )
+    if macs is not None and macs.num_experts != num_experts:
+        raise ValueError(
+            f"macs is the MACs breakdown of a {macs.num_experts}-expert model, but the model has "
+            f"{num_experts} experts; pass count_macs(model, input_size) of the model evaluated (or macs=None)"
+        )
     device = torch.device(device)
     autocast = (
         torch.autocast(device_type=device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
@@ -432,7 +447,11 @@ def evaluate(
     try:
         with model.routing_scope(routing) if routing is not None else nullcontext():
             mode = model.routing
-            for x, y in loader:
+            batches = 0
+            for batches, batch in enumerate(loader, start=1):
+                x, y = _images_and_labels(batch, batches - 1, num_classes)
+                if x.shape[0] == 0:
+                    continue
                 x = x.to(device, non_blocking=True)
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
@@ -444,22 +463,63 @@ def evaluate(
                         logits = model(x)
                         n = torch.full((x.shape[0],), num_experts if mode == "all" else mode, device=device)
                 logits = logits.float()
-                targets.append(torch.as_tensor(y))
+                targets.append(y)
                 tops.append(topk_predictions(logits, 5))
                 confidences.append(logits.softmax(dim=1).amax(dim=1))
                 used.append(n)
     finally:
         model.train(was_training)
     if not targets:
-        raise ValueError("the loader yielded no batch: nothing to evaluate")
+        got = "no batch" if batches == 0 else f"{batches} empty batch{'es' if batches > 1 else ''}"
+        raise ValueError(f"the loader yielded no images ({got}): nothing to evaluate; check the eval dataset")
     target = torch.cat(targets).cpu().long()  # [N]
+    try:  # the label range, here for labels that came on the device (those on the CPU were checked per batch)
+        _class_indices(target, target.numel(), num_classes)
+    except ValueError as error:
+        raise ValueError(f"evaluate: the loader's labels: {error}") from None
     top = torch.cat(tops).cpu()  # [N, min(5, C)]
     confidence = torch.cat(confidences).cpu()  # [N]
+    nonfinite = int((~torch.isfinite(confidence)).sum())
+    if nonfinite:
+        raise ValueError(
+            f"evaluate: the model gave NaN or inf logits for {nonfinite} of {target.numel()} images; "
+            + (
+                "float16 logits can overflow: evaluate with amp_dtype=torch.bfloat16 or None"
+                if amp_dtype == torch.float16
+                else "its weights may have diverged: evaluate an earlier checkpoint"
+            )
+        )
     used = torch.cat(used).cpu().long()  # [N]
     result = _summarize(mode, target, top, confidence, used, class_counts, num_experts, macs)
     result.model = (getattr(model, "pretrained_cfg", None) or {}).get("architecture", type(model).__name__)
     result.dataset = getattr(getattr(loader, "dataset", None), "name", "")
     return result
+
+
+def _images_and_labels(batch: Any, index: int, num_classes: int) -> tuple:
+    """A loader's batch as ``(x [B, ...], y [B])``, or a ValueError that says what the loader must yield.
+
+    Only shape and dtype checks, which read nothing back from the device (the label range is checked here
+    for labels on the CPU only; ``evaluate`` checks all of them once at the end).
+    """
+    if not (isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[0], Tensor)):
+        if isinstance(batch, dict):
+            got = f"a dict with the keys {list(batch)[:6]}"
+        elif isinstance(batch, (tuple, list)):
+            got = (
+                f"a {type(batch).__name__} of {len(batch)} ({', '.join(type(b).__name__ for b in batch[:4])})"
+            )
+        else:
+            got = f"a {type(batch).__name__}"
+        raise ValueError(
+            f"evaluate: batch {index} of the loader is {got}; the loader must yield (images [B, 3, H, W] "
+            "tensor, labels [B]) pairs, e.g. ((b['image'], b['label']) for b in loader) for dict batches"
+        )
+    x, y = batch
+    try:
+        return x, _class_indices(y, x.shape[0], num_classes)
+    except (ValueError, TypeError, RuntimeError) as error:
+        raise ValueError(f"evaluate: batch {index} of the loader ({x.shape[0]} images): {error}") from None
 
 
 def _summarize(

@@ -383,10 +383,62 @@ def test_evaluate_refuses_bad_input(scripted_model):
         evaluate(scripted_model, scripted_loader(), class_counts=[1, 2, 3, 4, 5])
     with pytest.raises(ValueError, match=r"whole numbers, >= 0\).*got \[150, 120, 60, -5, 30, 5\]"):
         evaluate(scripted_model, scripted_loader(), class_counts=[150, 120, 60, -5, 30, 5])
-    with pytest.raises(ValueError, match="no batch"):
+    with pytest.raises(ValueError, match=r"the loader yielded no images \(no batch\)"):
         evaluate(scripted_model, [], class_counts=CLASS_COUNTS)
     with pytest.raises(ValueError, match="not a RIDE model.*ride_"):
         evaluate(timm.create_model("resnet18", num_classes=6), scripted_loader(), class_counts=CLASS_COUNTS)
+
+
+def test_evaluate_refuses_the_macs_of_another_expert_count(scripted_model):
+    # A 2-expert breakdown for the 3-expert model: an image that used 3 experts was costed as one with 2.
+    two_experts = MacsBreakdown(shared=1000, experts=(300, 300), classifiers=(6, 6), router=(50,))
+    with pytest.raises(
+        ValueError, match=r"2-expert model, but the model has 3 experts; pass count_macs\(model"
+    ):
+        evaluate(
+            scripted_model, scripted_loader(), class_counts=CLASS_COUNTS, routing="router", macs=two_experts
+        )
+    # The model's own: (1356 + 1712 + 2018) x 2 images / 6 MACs, as in test_evaluate_routed_hand_computed.
+    r = evaluate(scripted_model, scripted_loader(), class_counts=CLASS_COUNTS, routing="router", macs=MACS)
+    assert r.gmacs_per_image == pytest.approx(5086 / 3 / 1e9)
+
+
+def test_evaluate_takes_a_label_column_as_accuracy_does(scripted_model):
+    loader = [(x, y.view(-1, 1)) for x, y in scripted_loader()]  # labels [B, 1]
+    r = evaluate(scripted_model, loader, class_counts=CLASS_COUNTS, routing="router")
+    assert r.num_images == 6 and r.top1 == pytest.approx(400 / 6)  # samples 0, 1, 2, 4 right, as above
+
+
+def test_evaluate_refuses_malformed_batches(scripted_model):
+    x = torch.zeros(2, 3, 32, 32)  # samples 0 and 0
+
+    def refused(loader, match):
+        with pytest.raises(ValueError, match=match):
+            evaluate(scripted_model, loader, class_counts=CLASS_COUNTS)
+
+    # float labels used to be truncated (0.7 -> class 0)
+    refused(
+        [(x, torch.tensor([0.7, 1.7]))], r"batch 0 of the loader \(2 images\).*torch\.float32.*\.long\(\)"
+    )
+    refused([(x, torch.tensor([0, 1])), (x, torch.tensor([0, 1, 2]))], r"batch 1 .*target has 3 entries")
+    refused([(x, torch.eye(6)[:2])], r"shape \(2, 6\).*not one-hot")
+    refused([(x, torch.tensor([0, 6]))], r"class indices in \[0, 6\].*C = 6 classes")
+    refused(
+        [{"image": x, "label": torch.tensor([0, 1])}], r"a dict with the keys \['image', 'label'\].*pairs"
+    )
+    refused([(x, torch.tensor([0, 1]), torch.tensor([5, 6]))], r"a tuple of 3 \(Tensor, Tensor, Tensor\)")
+    empty = (torch.zeros(0, 3, 32, 32), torch.zeros(0, dtype=torch.long))
+    refused([empty, empty], r"the loader yielded no images \(2 empty batches\)")
+
+
+def test_evaluate_refuses_nan_logits(scripted_model):
+    logits = torch.tensor(ALL_PROBS).log()
+    logits[3, 2] = math.nan  # sample 3
+    scripted_model.forward = lambda x: logits[x[:, 0, 0, 0].long()]
+    with pytest.raises(
+        ValueError, match="NaN or inf logits for 1 of 6 images; its weights may have diverged"
+    ):
+        evaluate(scripted_model, scripted_loader(), class_counts=CLASS_COUNTS, routing="all")
 
 
 # ------------------------------------------------------------------------------------- EvalResult
