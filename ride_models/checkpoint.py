@@ -100,6 +100,8 @@ def load_training_state(path: str | Path) -> Dict[str, Any]:
             f"{path} holds weights only: {resume_takes}, which also has the optimizer, epoch and arguments; "
             "to start a new run from these weights, use --initial-checkpoint"
         )
+    if path.name != "last_state.pt" and path.stat().st_size and _format_by_content(path) is None:
+        raise ValueError(f"{path} is not a training state (not a PyTorch file): {resume_takes}")
     state = safe_torch_load(
         path,
         what="a training state",
@@ -246,17 +248,22 @@ def safe_torch_load(path: str | Path, what: str = "a checkpoint", fix: str = "do
     return checkpoint
 
 
-def _file_format(path: Path) -> str:
-    """A weights file's format, safetensors or torch, from its first bytes where they tell (a file may be
-    misnamed: a ``.pth`` written by :func:`save_weights`), else from its suffix (a damaged file then gets
-    the message of the format its name says)."""
+def _format_by_content(path: Path) -> Optional[str]:
+    """ "torch" or "safetensors" where a file's first bytes tell, else None (damaged, or another kind)."""
     with open(path, "rb") as f:
         head = f.read(9)
     if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # torch.save: a zip archive, or a legacy pickle
         return "torch"
     if len(head) == 9 and head[8:9] == b"{":  # safetensors: an 8-byte header length, then the JSON header
         return "safetensors"
-    return "safetensors" if path.suffix == ".safetensors" else "torch"
+    return None
+
+
+def _file_format(path: Path) -> str:
+    """A weights file's format, safetensors or torch, by its content where it tells (a file may be
+    misnamed: a ``.pth`` written by :func:`save_weights`), else by its suffix (a damaged file then gets
+    the message of the format its name says)."""
+    return _format_by_content(path) or ("safetensors" if path.suffix == ".safetensors" else "torch")
 
 
 def read_state_dict(path: str | Path) -> Dict[str, torch.Tensor]:

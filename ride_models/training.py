@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import ast
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -124,6 +125,10 @@ TRAINING_PLOT, PLOT_EVERY_S = "training_curves.png", 60.0
 VALIDATION_DATASETS = {"imagenet_lt", "places_lt"}
 # Arguments a resumed run may change; every other one must match the interrupted run.
 RESUMABLE_CHANGES = {"resume", "epochs", "device", "workers", "log_interval"}
+# What a run's args.yaml holds besides its flags: the flags the user set ("explicit": whether --drw-epoch
+# applies to a loss without DRW by default, for one), the preset's loss arguments, and what a resume checks
+# (the process count, the teacher file's digest).
+DERIVED_ARGS = ("explicit", "preset_loss_kwargs", "world_size", "teacher_sha256")
 
 
 # ------------------------------------------------------------------------------------------------ flags
@@ -209,9 +214,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     config, remaining = config_parser.parse_known_args(argv)
     parser = build_parser()
     values: Dict[str, Any] = {}
+    explicit_in_file = None
     if config.config:
         with open(config.config) as f:
             values = yaml.safe_load(f) or {}
+        explicit_in_file = values.pop("explicit", None)
+        for key in DERIVED_ARGS:  # a run's args.yaml given back to -c: derived again, or checked on resume
+            values.pop(key, None)
         unknown = sorted(set(values) - set(vars(parser.parse_args([]))))
         if unknown:
             raise ValueError(f"unknown keys in {config.config}: {unknown}; use the flag names ('_' for '-')")
@@ -222,7 +231,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     # default value still counts (--resume refuses it where it differs from the run's).
     unset = object()
     given = build_parser().parse_args(remaining, argparse.Namespace(**dict.fromkeys(vars(args), unset)))
-    args.explicit = sorted({k for k, v in vars(given).items() if v is not unset} | set(values))
+    from_file = set(values) if explicit_in_file is None else set(explicit_in_file) & set(values)
+    args.explicit = sorted({k for k, v in vars(given).items() if v is not unset} | from_file)
     return args
 
 
@@ -451,7 +461,7 @@ def build_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
     try:
         model = timm.create_model(
             args.model,
-            pretrained=args.pretrained,
+            pretrained=args.pretrained and not args.resume,  # a resumed run's weights are in its state
             num_classes=num_classes,
             drop_rate=args.drop_rate,
             drop_path_rate=args.drop_path,
@@ -459,7 +469,9 @@ def build_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
     except RuntimeError as error:  # the pretrained weights are not on this machine
         raise ValueError(f"--model {args.model} --pretrained: {error}") from error
     require_ride_model(model, args.model)
-    if args.initial_checkpoint:
+    if args.stage == "router" and model.num_experts < 2:
+        raise ValueError(f"--stage router: {args.model} has one expert, so no routing decision to train")
+    if args.initial_checkpoint and not args.resume:  # a resumed run's weights are in its state
         try:
             load_weights(model, args.initial_checkpoint)
         except RuntimeError as error:  # the state dict does not fit (the message lists what differs)
@@ -474,7 +486,13 @@ def build_teacher(args: argparse.Namespace, num_classes: int, device: torch.devi
         raise ValueError(
             "--stage distill needs --teacher NAME and --teacher-checkpoint PATH (a trained teacher)"
         )
-    teacher = load_model(args.teacher, checkpoint=args.teacher_checkpoint, num_classes=num_classes)
+    try:
+        teacher = load_model(args.teacher, checkpoint=args.teacher_checkpoint, num_classes=num_classes)
+    except ValueError as error:  # another class count than the dataset's, a checkpoint of another model
+        raise ValueError(
+            f"--teacher {args.teacher} --teacher-checkpoint {args.teacher_checkpoint}: the teacher must be "
+            f"trained on this dataset ({args.dataset}, {num_classes} classes): {error}"
+        ) from None
     teacher.set_routing("all")
     teacher.requires_grad_(False)
     teacher = teacher.eval().to(device)
@@ -566,10 +584,21 @@ def _restore_args(args: argparse.Namespace, saved: Dict[str, Any]) -> argparse.N
             + "; ".join(conflicts)
             + ". Start a new run instead, or leave these flags out"
         )
+    given = set(args.explicit)
     for key, value in saved.items():
-        if key not in RESUMABLE_CHANGES or key not in args.explicit:
+        if key not in RESUMABLE_CHANGES or key not in given:
             setattr(args, key, value)
+    # What the run's own command set still counts as set (runs saved before "explicit" was kept: nothing).
+    args.explicit = sorted(set(saved.get("explicit", [])) | given)
     return args
+
+
+def _sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _write_summary(path: Path, rows: List[Dict[str, Any]]) -> None:
@@ -602,6 +631,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     state = None
     if args.resume:
         state = load_training_state(args.resume)
+        ran_with = state["args"].get("world_size", 1)
+        if ran_with != d.world_size:
+            how = "python train.py" if ran_with == 1 else f"torchrun --nproc_per_node={ran_with} train.py"
+            raise ValueError(
+                f"--resume {args.resume}: the run trained in {ran_with} process(es), this is {d.world_size}; "
+                f"the global batch and each process's data would change. Resume with {how} --resume ..."
+            )
         args = _restore_args(args, state["args"])
         run_dir = Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent
         if args.epochs < state["epoch"]:
@@ -642,15 +678,30 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             f"{args.model} {model.num_experts}; RIDE distils from more experts into fewer"
         )
     loss_fn = build_loss(args, data.class_counts)
+    if teacher is not None:  # a resumed distillation must learn from the same teacher
+        digest = _sha256(args.teacher_checkpoint)
+        if state is not None and state["args"].get("teacher_sha256", digest) != digest:
+            raise ValueError(
+                f"--resume {args.resume}: the teacher checkpoint {args.teacher_checkpoint} has changed since "
+                "the run started (its SHA-256 differs); restore that file, or start a new distillation run"
+            )
+        args.teacher_sha256 = digest
 
     if d.world_size > 1:  # every rank writes into rank 0's folder
         shared = [str(run_dir)]
         dist.broadcast_object_list(shared, src=0)
         run_dir = Path(shared[0])
-    saved_args = {k: v for k, v in vars(args).items() if k not in ("explicit", "config")}
+    saved_args = {k: v for k, v in vars(args).items() if k != "config"}
+    saved_args["world_size"] = d.world_size  # a resume must split the batch the same way
     if d.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _setup_logging(run_dir, d.is_main)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            _setup_logging(run_dir, d.is_main)
+        except OSError as error:  # read-only file system, no permission
+            raise ValueError(
+                f"cannot write the run folder {run_dir} ({error.strerror}); give --output a folder this user "
+                "can write to"
+            ) from None
         text = yaml.safe_dump(saved_args, sort_keys=False)
         atomic_write(run_dir / "args.yaml", lambda tmp: Path(tmp).write_text(text))
         _logger.info(f"run folder: {run_dir}")
@@ -665,6 +716,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         model.router.set_trained(True)  # every stage-2 checkpoint routes by default
     else:
         model.set_expert_training(True)
+        if bool(model.router.trained):  # from an --initial-checkpoint of a router-stage run
+            _logger.warning(
+                "warning: the initial weights carry a trained router; it was fitted to the experts as they "
+                f"were, so the model saved by this --stage {args.stage} run routes with all experts. Train "
+                "its router again with --stage router"
+            )
+            model.router.set_trained(False)
     model.to(d.device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -741,6 +799,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             verbose=d.is_main,
         )
         seconds = time.perf_counter() - start
+        if d.world_size > 1:  # the mean over every process's batches, not rank 0's alone
+            mean = torch.tensor(train_loss, dtype=torch.float64, device=d.device)
+            dist.all_reduce(mean)
+            train_loss = mean.item() / d.world_size
         if d.is_main:
             result = evaluator(eval_model, eval_split, routing)
             rows.append(_summary_row(epoch, lr, train_loss, eval_split, result, seconds))

@@ -21,7 +21,7 @@ from torch.utils.data import DistributedSampler
 
 import ride_models  # noqa: F401
 from ride_models import training
-from ride_models.checkpoint import load_training_state
+from ride_models.checkpoint import load_training_state, save_training_state, save_weights
 from ride_models.data import DIGITS_CONFIG, DeviceDataLoader
 from ride_models.engine import NonFiniteLossError
 from ride_models.plots import PLOT_FILES
@@ -139,6 +139,65 @@ def test_exact_resume_after_a_kill(tmp_path):
     assert [r["epoch"] for r in rows] == ["1", "2", "3"]
     straight = _summary_rows(tmp_path / "straight")
     assert [r["train_loss"] for r in rows] == [r["train_loss"] for r in straight]
+
+
+def test_resume_keeps_what_the_run_set(tmp_path):
+    """--drw-epoch given to a loss without DRW by default still applies after --resume (it used to be lost:
+    only the resume command's own flags counted as set), and the run's args.yaml works with -c."""
+    flags = [*FAST, "--loss", "ce", "--drw-epoch", "1", "--output", str(tmp_path)]
+    training.main([*flags, "--epochs", "2", "--experiment", "straight"])
+    training.main([*flags, "--epochs", "1", "--experiment", "resumed"])
+    training.main(["--resume", str(tmp_path / "resumed"), "--epochs", "2"])
+    assert _same_weights(
+        tmp_path / "straight" / "last.safetensors", tmp_path / "resumed" / "last.safetensors"
+    )
+    again = training.parse_args(["-c", str(tmp_path / "straight" / "args.yaml")])
+    assert again.loss == "ce" and again.drw_epoch == 1 and "drw_epoch" in again.explicit
+    assert "lr" not in again.explicit  # the preset's value, written in the file but not set by the user
+
+
+def test_resume_refuses_another_process_count_and_a_changed_teacher(tmp_path):
+    _train(tmp_path, "teacher", "--model", "ride_resnet32_3e", "--epochs", "1")
+    teacher = tmp_path / "teacher.safetensors"
+    teacher.write_bytes((tmp_path / "teacher" / "last.safetensors").read_bytes())
+    _train(tmp_path, "student", "--stage", "distill", "--teacher", "ride_resnet32_3e", "--teacher-checkpoint",
+           str(teacher), "--epochs", "1")  # fmt: skip
+    state = load_training_state(tmp_path / "student")
+    save_training_state(
+        tmp_path / "student" / "last_state.pt", {**state, "args": {**state["args"], "world_size": 2}}
+    )
+    with pytest.raises(
+        ValueError, match=r"trained in 2 process\(es\), this is 1; .* torchrun --nproc_per_node=2"
+    ):
+        training.main(["--resume", str(tmp_path / "student"), "--epochs", "2"])
+    save_training_state(tmp_path / "student" / "last_state.pt", state)
+    weights = load_file(teacher)
+    save_weights(teacher, {k: v + 1 if v.is_floating_point() else v for k, v in weights.items()})
+    with pytest.raises(ValueError, match="the teacher checkpoint .* has changed since the run started"):
+        training.main(["--resume", str(tmp_path / "student"), "--epochs", "2"])
+
+
+def test_a_router_stage_run_resumes_without_its_initial_checkpoint_file(tmp_path):
+    _train(tmp_path, "experts", "--epochs", "1")
+    initial = tmp_path / "initial.safetensors"
+    initial.write_bytes((tmp_path / "experts" / "last.safetensors").read_bytes())
+    _train(tmp_path, "router", "--stage", "router", "--initial-checkpoint", str(initial), "--epochs", "1")
+    initial.unlink()  # the weights are in the run's state: the file is not needed any more
+    training.main(["--resume", str(tmp_path / "router"), "--epochs", "2"])
+    assert load_training_state(tmp_path / "router")["epoch"] == 2
+
+    # Stage 1 again from these routed weights: the saved model must not route with the stale router.
+    _train(
+        tmp_path,
+        "again",
+        "--initial-checkpoint",
+        str(tmp_path / "router" / "last.safetensors"),
+        "--epochs",
+        "1",
+    )
+    model = timm.create_model("ride_resnet32_2e", num_classes=10)
+    model.load_state_dict(load_file(tmp_path / "again" / "last.safetensors"))
+    assert model.routing == "all" and not bool(model.router.trained)
 
 
 def _image_tree(root: Path, counts: dict) -> Path:
@@ -449,6 +508,33 @@ def test_bad_input_stops_before_a_run_folder(tmp_path, flags, message):
     with pytest.raises(ValueError, match=message):
         training.main([*FAST, "--output", str(tmp_path / "out"), "--experiment", "x", *flags])
     assert not (tmp_path / "out").exists()
+
+
+def test_stage_and_file_mistakes_are_named(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="cannot write the run folder /proc/ride_models_test/x"):
+        _train(tmp_path, "x", "--epochs", "1", "--output", "/proc/ride_models_test")
+    _train(tmp_path, "run", "--epochs", "1")
+    with pytest.raises(ValueError, match=r"summary.csv is not a training state \(not a PyTorch file\)"):
+        training.main(["--resume", str(tmp_path / "run" / "summary.csv")])
+    create_model = timm.create_model
+    monkeypatch.setattr(training.timm, "create_model", lambda *a, **k: create_model(*a, **k, num_experts=1))
+    with pytest.raises(ValueError, match="--stage router: ride_resnet32_2e has one expert"):
+        _train(
+            tmp_path,
+            "one",
+            "--stage",
+            "router",
+            "--initial-checkpoint",
+            str(tmp_path / "run" / "last.safetensors"),
+        )
+    monkeypatch.undo()
+    weights = load_file(tmp_path / "run" / "last.safetensors")  # a teacher for 5 classes, the data has 10
+    five = {k: v[:5] if k.startswith("heads.") else v for k, v in weights.items()}
+    save_weights(tmp_path / "five.safetensors", five)
+    message = r"--teacher-checkpoint .*five.safetensors: the teacher must be trained on this dataset"
+    with pytest.raises(ValueError, match=message + r" \(digits_lt, 10 classes\)"):
+        _train(tmp_path, "d", "--stage", "distill", "--teacher", "ride_resnet32_2e", "--teacher-checkpoint",
+               str(tmp_path / "five.safetensors"))  # fmt: skip
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
