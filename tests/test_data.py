@@ -139,6 +139,10 @@ def test_selection_equals_the_global_numpy_procedure_and_leaves_numpy_alone() ->
 def test_shot_splits_thresholds() -> None:
     # many: > 100; medium: 20..100 inclusive; few: < 20.
     assert shot_splits([101, 100, 20, 19, 500, 1]) == {"many": [0, 4], "medium": [1, 2], "few": [3, 5]}
+    assert shot_splits([0, 150.0]) == {"many": [1], "medium": [], "few": [0]}  # no training image: few
+    for bad in (-5, float("nan"), 2.5):  # each used to be filed under a split (NaN under "medium")
+        with pytest.raises(ValueError, match=r"class_counts\[1\] is .*: the training images of a class are"):
+            shot_splits([200, bad])
 
 
 # ------------------------------------------------------------------------------------- CIFAR-10 JPEG tree

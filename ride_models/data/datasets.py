@@ -41,6 +41,7 @@ from ride_models.data.sampling import (
     long_tail_counts,
     select_per_class,
     shot_splits,
+    whole_count,
 )
 
 SPLITS = ("train", "val", "test")
@@ -558,17 +559,6 @@ def read_split_file(path: str | Path, num_classes: int) -> tuple[list[str], list
     return paths, labels
 
 
-def _whole(n: Any) -> int | None:
-    """``n`` as an int if it is a whole number >= 0 (int, numpy or tensor scalar, 500.0), else None."""
-    if isinstance(n, bool):
-        return None
-    try:
-        value = float(n)
-    except (TypeError, ValueError):
-        return None
-    return int(value) if value.is_integer() and value >= 0 else None
-
-
 def load_class_counts(source: Sequence[int] | str | Path, num_classes: int) -> list[int]:
     """Training class counts from a list, or a JSON file holding one (``ImageNet_LT_train_cls_freq.json``)."""
     if isinstance(source, (str, Path)):
@@ -578,7 +568,7 @@ def load_class_counts(source: Sequence[int] | str | Path, num_classes: int) -> l
         source = json.loads(path.read_text())
     else:
         path = "the class counts"
-    counts = None if isinstance(source, (str, bytes, dict)) else [_whole(n) for n in source]
+    counts = None if isinstance(source, (str, bytes, dict)) else [whole_count(n) for n in source]
     if counts is None or None in counts:
         raise ValueError(
             f"{path} must be a list of training images per class (whole numbers, >= 0), "

@@ -14,6 +14,7 @@ only on the sizes of classes ``0..c`` and not on the ratio or on where the image
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -151,14 +152,32 @@ def cifar_lt_indices(labels: Sequence[int] | np.ndarray, ratio: float, seed: int
     return select_per_class(labels, counts, seed)
 
 
+def whole_count(n: Any) -> int | None:
+    """``n`` as an int if it is a whole number >= 0 (int, numpy or tensor scalar, 500.0), else None."""
+    if isinstance(n, bool):
+        return None
+    try:
+        value = float(n)
+    except (TypeError, ValueError):
+        return None
+    return int(value) if value.is_integer() and value >= 0 else None
+
+
 def shot_splits(class_counts: Sequence[int]) -> dict[str, list[int]]:
     """Many / medium / few-shot classes from the training counts (> 100, 20..100, < 20 images).
 
     Returns:
         ``{"many": [...], "medium": [...], "few": [...]}``, each a sorted list of class indices.
+
+    Raises:
+        ValueError: a count that is not a whole number >= 0 (negative, NaN, fractional).
     """
     splits: dict[str, list[int]] = {"many": [], "medium": [], "few": []}
     for c, n in enumerate(class_counts):
+        if whole_count(n) is None:
+            raise ValueError(
+                f"class_counts[{c}] is {n!r}: the training images of a class are a whole number >= 0"
+            )
         key = "many" if n > MANY_SHOT_MIN else "few" if n < FEW_SHOT_MAX else "medium"
         splits[key].append(c)
     return splits
