@@ -13,7 +13,6 @@ layout). Without ``--dataset`` the embedded default (``digits_lt``) is used. The
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import re
 import sys
@@ -26,7 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import ride_models  # noqa: F401  (registers the models)
-from ride_models.checkpoint import load_model
+from ride_models.checkpoint import load_model, write_csv
 from ride_models.data import (
     DATASET_NAMES,
     DEFAULT_DATASET,
@@ -187,13 +186,11 @@ def _write_outputs(
         path = Path(args.results_file)
         path.parent.mkdir(parents=True, exist_ok=True)
         if _results_format(args) == "csv":
-            _write_csv(path, [_flat(row) for row in rows])
+            write_csv(path, [_flat(row) for row in rows])
         else:
             path.write_text(json.dumps(rows[0] if len(rows) == 1 else rows, indent=2) + "\n")
-    if args.per_class_csv:
-        path = Path(args.per_class_csv)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _write_csv(path, [row for r in results for row in r.per_class_rows(class_names)])
+    if args.per_class_csv:  # write_csv makes the folder
+        write_csv(args.per_class_csv, [row for r in results for row in r.per_class_rows(class_names)])
     if args.plot_dir:
         from ride_models.plots import save_plots
 
@@ -216,13 +213,6 @@ def _flat(row: Dict[str, Any]) -> Dict[str, Any]:
         else:
             flat[key] = "" if value is None else value
     return flat
-
-
-def _write_csv(path: Path, rows: Sequence[Dict[str, Any]]) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def _check_output_paths(args: argparse.Namespace) -> None:

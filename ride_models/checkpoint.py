@@ -11,11 +11,13 @@ crash leaves the previous version intact, never a half-written one.
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 import re
 import tempfile
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Dict, Optional
 
@@ -34,6 +36,7 @@ __all__ = [
     "safe_torch_load",
     "save_training_state",
     "save_weights",
+    "write_csv",
 ]
 
 
@@ -63,6 +66,15 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_csv(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    """``rows`` (dicts with the same keys) as a CSV file with a header row, written atomically."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(buffer.getvalue()))
 
 
 def save_weights(

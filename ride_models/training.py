@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import ast
-import csv
 import hashlib
-import io
 import json
 import logging
 import math
@@ -51,6 +49,7 @@ from ride_models.checkpoint import (
     load_weights,
     save_training_state,
     save_weights,
+    write_csv,
 )
 from ride_models.cuda_graph import GraphedTrainStep
 from ride_models.data import (
@@ -601,16 +600,6 @@ def _sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def _write_summary(path: Path, rows: List[Dict[str, Any]]) -> None:
-    if not rows:
-        return
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(buffer.getvalue()))
-
-
 def _setup_logging(run_dir: Optional[Path], is_main: bool) -> None:
     handlers: List[logging.Handler] = [logging.StreamHandler(sys.stdout)]
     if run_dir is not None and is_main:
@@ -828,7 +817,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                     ema=ema.state_dict() if ema is not None else None,
                 ),
             )
-            _write_summary(run_dir / "summary.csv", rows)
+            write_csv(run_dir / "summary.csv", rows)
             if epoch == args.epochs or time.perf_counter() - last_plot >= PLOT_EVERY_S:
                 title = f"{args.model}, stage {args.stage}, {args.dataset}"
                 plot_training_curves(rows, run_dir / TRAINING_PLOT, title)
