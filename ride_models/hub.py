@@ -36,7 +36,7 @@ from ride_models.checkpoint import UnsafeCheckpointError, load_model, safe_torch
 from ride_models.convert import convert_official_state_dict
 from ride_models.data.transforms import SMALL_IMAGE_CONFIGS
 from ride_models.flops import count_macs
-from ride_models.models.ride_resnet import HUB_ORG, PUBLISHED_CHECKPOINTS
+from ride_models.models.ride_resnet import HUB_ORG, PUBLISHED_CHECKPOINTS, known_tags
 
 __all__ = [
     "UnsafeCheckpointError",
@@ -216,7 +216,7 @@ def _published(model_name: str, tag: Optional[str]) -> Optional[str]:
         return None
     name_tag = f"{model_name}.{tag}"
     if name_tag not in PUBLISHED_CHECKPOINTS:
-        known = sorted(k.split(".", 1)[1] for k in PUBLISHED_CHECKPOINTS if k.startswith(f"{model_name}."))
+        known = known_tags(model_name)
         raise ValueError(f"unknown tag {tag!r} for {model_name}; known tags: {', '.join(known) or 'none'}")
     return name_tag
 
@@ -287,7 +287,7 @@ def convert_official_checkpoint(
         dataset, recipe, origin = zoo.dataset, f"{zoo.recipe}, by the RIDE authors", zoo.origin_url
         source = "As reported by the official RIDE model zoo (MODEL_ZOO.md) for this checkpoint."
     else:
-        known = sorted(k.split(".", 1)[1] for k in PUBLISHED_CHECKPOINTS if k.startswith(f"{model_name}."))
+        known = known_tags(model_name)
         warnings.warn(
             f"converting {checkpoint} without --tag: its model card names no dataset and no accuracy. If "
             f"it is a checkpoint of the official model zoo, give its tag (for {model_name}: "

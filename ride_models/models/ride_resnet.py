@@ -44,7 +44,6 @@ from timm.models import (
     build_model_with_cfg,
     checkpoint_seq,
     generate_default_cfgs,
-    get_arch_pretrained_cfgs,
     get_pretrained_cfg,
     register_model,
 )
@@ -1135,7 +1134,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: RIDEResNet) -> Dict[
 def _create_ride_resnet(variant: str, pretrained: bool = False, **kwargs) -> RIDEResNet:
     tag = kwargs.get("pretrained_cfg")
     if isinstance(tag, str):  # timm passes the tag of "name.tag" here
-        known = sorted(name.split(".", 1)[1] for name in get_arch_pretrained_cfgs(variant) if "." in name)
+        known = known_tags(variant)
         if tag not in known:
             raise RuntimeError(
                 f"unknown pretrained tag {tag!r} for {variant}; known tags: {', '.join(known) or 'none'} "
@@ -1283,6 +1282,13 @@ PUBLISHED_CHECKPOINTS: Dict[str, PublishedCheckpoint] = {
         _DRIVE.format("1DtLlx3be7WCmtVzoGBSGCiImQDJNxHGJ"), routed=False,
     ),
 }  # fmt: skip
+
+
+def known_tags(variant: str) -> List[str]:
+    """The registered pretrained tags of ``variant`` (``cifar100_lt_r100`` for ``ride_resnet32_3e``, ...)."""
+    return sorted(name.split(".", 1)[1] for name in PUBLISHED_CHECKPOINTS if name.startswith(f"{variant}."))
+
+
 _NUM_CLASSES = {_CIFAR100_LT: 100, "ImageNet-LT": 1000, "iNaturalist 2018": 8142}
 
 
