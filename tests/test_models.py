@@ -193,6 +193,79 @@ def test_grad_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(dict(model.named_parameters())[k].grad, g, msg=k)
 
 
+def _count_checkpoints(monkeypatch) -> list:
+    """Record each checkpointed segment: timm's checkpoint_seq (modules) and torch's checkpoint (folded or
+    fused blocks)."""
+    from ride_models.models import ride_resnet
+
+    calls = []
+
+    def spy(function, name):
+        def wrapper(*args, **kwargs):
+            calls.append(name)
+            return function(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(ride_resnet, "checkpoint_seq", spy(ride_resnet.checkpoint_seq, "seq"))
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", spy(torch.utils.checkpoint.checkpoint, "block"))
+    return calls
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_grad_checkpointing_in_eval_mode_changes_no_number(fused, monkeypatch):
+    # Eval mode folds batch norm; checkpointing must not switch that off (the outputs would move by float
+    # rounding, and inference under no_grad would lose the folding), only recompute in the backward pass.
+    torch.manual_seed(0)
+    model = timm.create_model("ride_resnet32_2e", num_classes=10, fused_experts=fused).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+        ref_final, ref_levels = model.forward_intermediates(x)
+    out = model(x)
+    out.sum().backward()
+    ref_grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+
+    model.set_grad_checkpointing(True)
+    calls = _count_checkpoints(monkeypatch)
+    with torch.no_grad():
+        assert torch.equal(model(x), ref)
+        final, levels = model.forward_intermediates(x)
+    assert torch.equal(final, ref_final) and all(map(torch.equal, levels, ref_levels))
+    assert calls == []  # nothing to recompute without autograd
+    out = model(x)
+    assert torch.equal(out, ref) and calls  # same numbers, checkpointed
+    out.sum().backward()
+    for k, g in ref_grads.items():
+        torch.testing.assert_close(dict(model.named_parameters())[k].grad, g, msg=k)
+    calls.clear()
+    final, levels = model.forward_intermediates(x)
+    assert torch.equal(final, ref_final) and all(map(torch.equal, levels, ref_levels)) and calls
+
+
+def test_forward_intermediates_checkpoints_in_training(monkeypatch):
+    # A features_only backbone trains through forward_intermediates: checkpointing must act there too.
+    # (Checkpointing in training runs the experts one by one: so does the reference.)
+    torch.manual_seed(0)
+    model = timm.create_model("ride_resnet32_2e", num_classes=10, fused_experts=False).train()
+    x = torch.randn(4, 3, 32, 32)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    final, _ = model.forward_intermediates(x)
+    final.square().mean().backward()
+    ref_grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    model.load_state_dict(state)
+
+    model.set_grad_checkpointing(True)
+    calls = _count_checkpoints(monkeypatch)
+    final, _ = model.forward_intermediates(x)
+    final.square().mean().backward()
+    assert calls.count("seq") == 1 + 2 * 2  # layer1 (shared), then each expert's two stages
+    for k, g in ref_grads.items():
+        torch.testing.assert_close(dict(model.named_parameters())[k].grad, g, msg=k)
+
+
 # ------------------------------------------------------------------------------------------ RIDE's API
 def test_expert_training_output():
     model = timm.create_model("ride_resnet32_3e").train()

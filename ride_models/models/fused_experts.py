@@ -21,6 +21,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from timm.layers import DropPath
 from torch import nn
 
@@ -245,11 +246,22 @@ def _block(x: torch.Tensor, blocks: Sequence[nn.Module], shared_input: bool) -> 
     return out.add_(_shortcut(x, blocks, shared_input)).relu_()
 
 
+def _run_block(
+    x: torch.Tensor, blocks: Sequence[nn.Module], shared_input: bool, checkpoint: bool
+) -> torch.Tensor:
+    """``_block``; with ``checkpoint``, its activations are not kept but recomputed in the backward pass
+    (grad checkpointing, as timm's ``checkpoint_seq`` does for each block of the modules' path)."""
+    if checkpoint:
+        return torch.utils.checkpoint.checkpoint(_block, x, blocks, shared_input, use_reentrant=False)
+    return _block(x, blocks, shared_input)
+
+
 def fused_expert_stages(
     x: torch.Tensor,
     experts: Sequence[nn.Module],
     stage_names: Optional[Sequence[str]] = None,
     shared_input: bool = True,
+    checkpoint: bool = False,
 ) -> torch.Tensor:
     """Every expert's stages in one pass.
 
@@ -259,6 +271,7 @@ def fused_expert_stages(
         experts: E modules of identical structure, each an ``nn.Sequential`` of stages of blocks.
         stage_names: the stages to run, in order (default: all of them).
         shared_input: whether ``x`` is the one input of every expert.
+        checkpoint: recompute each block's activations in the backward pass instead of keeping them.
 
     Returns:
         ``[B, E * D, h, w]``: expert e's map in channels ``[e * D, (e + 1) * D)``.
@@ -267,7 +280,7 @@ def fused_expert_stages(
     for name in names:
         stages = [getattr(expert, name) for expert in experts]
         for j in range(len(stages[0])):
-            x = _block(x, [stage[j] for stage in stages], shared_input)
+            x = _run_block(x, [stage[j] for stage in stages], shared_input, checkpoint)
             shared_input = False
     if shared_input:  # no block ran (pruned stages): every expert passes the shared map on unchanged
         x = x.repeat(1, len(experts), 1, 1)
@@ -279,14 +292,15 @@ def folded_conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torc
     return _conv_bn(x, [conv], [bn], shared_input=False)
 
 
-def folded_blocks(x: torch.Tensor, stages: Sequence[nn.Module]) -> torch.Tensor:
+def folded_blocks(x: torch.Tensor, stages: Sequence[nn.Module], checkpoint: bool = False) -> torch.Tensor:
     """The blocks of ``stages`` (``nn.Sequential`` s of ``BasicBlock`` / ``Bottleneck``) on one path.
 
     The computation of the blocks' own ``forward``, with every convolution and its batch norm as
     :func:`folded_conv_bn`: in eval mode, one pass over the maps instead of two. The caller checks that
-    the blocks can run this way (:func:`can_fuse`: no hooks inside, standard batch norms).
+    the blocks can run this way (:func:`can_fuse`: no hooks inside, standard batch norms). With
+    ``checkpoint``, each block's activations are recomputed in the backward pass instead of kept.
     """
     for stage in stages:
         for block in stage:
-            x = _block(x, [block], shared_input=False)
+            x = _run_block(x, [block], False, checkpoint)
     return x

@@ -528,6 +528,10 @@ class RIDEResNet(nn.Module):
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass instead of keeping them (timm's
+        ``checkpoint_seq``), in ``forward`` and ``forward_intermediates`` alike. It acts only where autograd
+        records: under ``torch.no_grad`` or inference mode the forward is the one without it (in eval mode,
+        batch norm folded), and in eval mode the outputs are the same as without it."""
         self.grad_checkpointing = enable
 
     @torch.jit.ignore
@@ -536,7 +540,8 @@ class RIDEResNet(nn.Module):
         (None, the default: :func:`~ride_models.models.fused_experts.fusing_pays`).
 
         Outputs, gradients and state dicts are the same (up to float summation order). Gradient
-        checkpointing, TorchScript and stochastic depth in training always use the per-expert loop.
+        checkpointing in training, TorchScript and stochastic depth in training always use the per-expert
+        loop.
         """
         self.fused_experts = None if enable is None else bool(enable)
 
@@ -668,7 +673,7 @@ class RIDEResNet(nn.Module):
         if not torch.jit.is_scripting() and self._fold_trunk(x):
             return self._folded_shared(x)
         x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
-        if self.grad_checkpointing and not torch.jit.is_scripting():
+        if not torch.jit.is_scripting() and self._checkpointing():
             x = checkpoint_seq(self.layer1, x)
             if self.layer2 is not None:
                 x = checkpoint_seq(self.layer2, x)
@@ -681,7 +686,7 @@ class RIDEResNet(nn.Module):
     def _expert_maps(self, x: torch.Tensor, num_experts: int) -> torch.Tensor:
         """The final maps of the first ``num_experts`` experts, concatenated: ``[B, k * D, h, w]``."""
         shared = self.forward_shared(x)
-        if not torch.jit.is_scripting() and not self.grad_checkpointing:
+        if not torch.jit.is_scripting():
             if self._use_fused(shared):
                 return self._fused_maps(shared, num_experts)
             if self._fold_experts(shared, num_experts):
@@ -689,15 +694,24 @@ class RIDEResNet(nn.Module):
         maps: List[torch.Tensor] = []
         for i, expert in enumerate(self.experts):
             if i < num_experts:
-                if self.grad_checkpointing and not torch.jit.is_scripting():
+                if not torch.jit.is_scripting() and self._checkpointing():
                     maps.append(checkpoint_seq(expert, shared, flatten=True))
                 else:
                     maps.append(expert(shared))
         return torch.cat(maps, dim=1)
 
     @torch.jit.unused
+    def _checkpointing(self) -> bool:
+        """Whether this forward runs with grad checkpointing: it is on and autograd records. Without a
+        backward to come (``torch.no_grad``, inference mode) there is nothing to recompute, and the forward
+        is the one without checkpointing, batch norm folded in eval mode included."""
+        return self.grad_checkpointing and torch.is_grad_enabled()
+
+    @torch.jit.unused
     def _use_fused(self, x: torch.Tensor) -> bool:
         if isinstance(x, torch.fx.Proxy):  # FX traces the per-expert modules (feature extraction names them)
+            return False
+        if self.training and self._checkpointing():  # timm's checkpoint_seq over the experts' modules
             return False
         enabled = self.fused_experts
         if enabled is None:
@@ -708,7 +722,7 @@ class RIDEResNet(nn.Module):
     def _can_fold(self, x: torch.Tensor, modules: List[nn.Module]) -> bool:
         """Whether ``modules`` can run with batch norm folded into the convolutions on this input: eval mode,
         ``fold_bn`` on, no FX tracing, and ``can_fuse``'s conditions (no hooks inside: a hook must fire)."""
-        if self.training or not self.fold_bn or self.grad_checkpointing or isinstance(x, torch.fx.Proxy):
+        if self.training or not self.fold_bn or isinstance(x, torch.fx.Proxy):
             return False
         return can_fuse(modules, training=False)
 
@@ -727,7 +741,7 @@ class RIDEResNet(nn.Module):
     @torch.jit.unused
     def _folded_shared(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.act1(self._folded_stem_conv(x)))
-        return folded_blocks(x, self._shared_stages())
+        return folded_blocks(x, self._shared_stages(), self._checkpointing())
 
     @torch.jit.unused
     def _folded_stem_conv(self, x: torch.Tensor) -> torch.Tensor:
@@ -735,21 +749,29 @@ class RIDEResNet(nn.Module):
 
     @torch.jit.unused
     def _folded_stage(self, x: torch.Tensor, stage: nn.Module) -> torch.Tensor:
-        return folded_blocks(x, [stage])
+        return folded_blocks(x, [stage], self._checkpointing())
+
+    @torch.jit.unused
+    def _module_stage(self, x: torch.Tensor, stage: nn.Module) -> torch.Tensor:
+        """A stage's modules on ``x``, each block checkpointed under grad checkpointing (timm's
+        ``checkpoint_seq``)."""
+        return checkpoint_seq(stage, x) if self._checkpointing() else stage(x)
 
     @torch.jit.unused
     def _run_expert(self, i: int, x: torch.Tensor, fold: bool) -> torch.Tensor:
         """Expert i's stages on ``x`` (its input maps): as modules, or with batch norm folded (``fold``)."""
         expert = self.experts[i]
-        return folded_blocks(x, list(expert.children())) if fold else expert(x)
+        if fold:
+            return folded_blocks(x, list(expert.children()), self._checkpointing())
+        return checkpoint_seq(expert, x, flatten=True) if self._checkpointing() else expert(x)
 
     @torch.jit.unused
     def _fused_maps(self, shared: torch.Tensor, num_experts: int) -> torch.Tensor:
-        return fused_expert_stages(shared, list(self.experts)[:num_experts])
+        return fused_expert_stages(shared, list(self.experts)[:num_experts], checkpoint=self._checkpointing())
 
     @torch.jit.unused
     def _fused_stage(self, x: torch.Tensor, name: str, shared_input: bool) -> torch.Tensor:
-        return fused_expert_stages(x, list(self.experts), [name], shared_input)
+        return fused_expert_stages(x, list(self.experts), [name], shared_input, self._checkpointing())
 
     def _classify(self, pooled: List[torch.Tensor]) -> torch.Tensor:
         """Expert logits ``[B, k, C]`` from the pooled features ``[B, D]`` of the first k experts."""
@@ -925,7 +947,7 @@ class RIDEResNet(nn.Module):
             level += 1
             if stop_early and level > max_index:
                 break
-            x = self._folded_stage(x, stage) if fold else stage(x)
+            x = self._folded_stage(x, stage) if fold else self._module_stage(x, stage)
             if level in take:
                 intermediates.append(x)
         fused = not torch.jit.is_scripting() and self._use_fused(x)
@@ -940,7 +962,7 @@ class RIDEResNet(nn.Module):
                 x = self._fused_stage(x, name, shared_input=j == 0)
             else:
                 maps = [
-                    self._folded_stage(m, expert[j]) if fold else expert[j](m)
+                    self._folded_stage(m, expert[j]) if fold else self._module_stage(m, expert[j])
                     for expert, m in zip(self.experts, maps)
                 ]
                 x = torch.cat(maps, dim=1)
