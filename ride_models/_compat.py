@@ -57,3 +57,10 @@ def autocast_known(device_type: str) -> bool:
     forward), and what it compiles runs on devices autocast knows.
     """
     return torch.compiler.is_compiling() or torch.amp.is_autocast_available(device_type)
+
+
+def is_exporting() -> bool:
+    """Whether ``torch.export`` is tracing this call (``torch.compiler.is_exporting``, torch >= 2.7; torch
+    2.6 has no public way to tell and gets False)."""
+    check = getattr(torch.compiler, "is_exporting", None)
+    return bool(check()) if check is not None else False

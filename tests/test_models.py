@@ -177,6 +177,11 @@ def test_fx(name):
     extractor = timm.layers.create_feature_extractor(model, return_nodes={eval_nodes[-1]: "out"})
     with torch.no_grad():
         torch.testing.assert_close(extractor(x)["out"], model(x))
+    # FX traces the modules' own computation: the same numbers, bit for bit, as eager mode running it
+    plain = timm.create_model(name, fold_bn=False, fused_experts=False).eval()
+    plain.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(torch.fx.symbolic_trace(plain)(x), plain(x))
 
 
 def test_grad_checkpointing_gives_the_same_gradients():
@@ -582,6 +587,30 @@ def test_scripted_or_traced_routing_says_what_to_do():
     model.set_routing("all")
     with torch.no_grad():
         torch.testing.assert_close(torch.fx.symbolic_trace(model)(x), model(x))
+
+
+@pytest.mark.parametrize("name", ["ride_resnet32_3e", "ride_resnet50_2e"])
+def test_torch_export(name):
+    # torch.export (the path to ONNX and AOTInductor) covers the all-experts forward, batch norm folded.
+    model = timm.create_model(name).eval()
+    x = torch.randn(2, *FAMILIES[name])
+    exported = torch.export.export(model, (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(x), model(x))
+
+
+@pytest.mark.skipif(
+    not hasattr(torch.compiler, "is_exporting"), reason="torch 2.6 cannot tell an export apart"
+)
+def test_exported_routing_says_what_to_do():
+    model = timm.create_model("ride_resnet32_3e", num_classes=10).eval()
+    model.router.set_trained()
+    x = torch.randn(2, 3, 32, 32)
+    with pytest.raises(RuntimeError, match=r"exported with torch.export .* call model.set_routing\('all'\)"):
+        torch.export.export(model, (x,))
+    model.set_routing(2)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.export.export(model, (x,)).module()(x), model(x))
 
 
 @pytest.mark.parametrize("feature_cls", ["hook", "fx"])

@@ -49,7 +49,7 @@ from timm.models import (
 )
 from torch import nn
 
-from ride_models._compat import autocast_known
+from ride_models._compat import autocast_known, is_exporting
 from ride_models.data.transforms import CIFAR_MEAN, CIFAR_STD
 from ride_models.losses import check_target
 from ride_models.models.fused_experts import (
@@ -843,10 +843,11 @@ class RIDEResNet(nn.Module):
         """
         if self.num_classes <= 0:
             raise RuntimeError("routed inference needs classifiers; this model has num_classes=0")
-        if isinstance(x, torch.fx.Proxy):
+        if isinstance(x, torch.fx.Proxy) or is_exporting():
             raise RuntimeError(
-                "routed inference cannot be traced with FX (how many samples go on depends on the data); "
-                "call model.set_routing('all') (or an int k) before tracing"
+                "routed inference cannot be traced with FX or exported with torch.export (how many samples "
+                "go on depends on the data); call model.set_routing('all') (or an int k) before tracing or "
+                "exporting"
             )
         threshold = self.routing_threshold if threshold is None else _check_threshold(threshold, closed=True)
         shared = self.forward_shared(x)
