@@ -39,12 +39,15 @@ __all__ = ["MacsBreakdown", "count_macs"]
 
 @dataclass(frozen=True)
 class MacsBreakdown:
-    """MACs per image of each part of a RIDE model."""
+    """MACs per image of each part of a RIDE model, for one input size and class count."""
 
     shared: int  # stem and shared stages
     experts: Tuple[int, ...]  # each expert's stages
     classifiers: Tuple[int, ...]  # each expert's classifier
     router: Tuple[int, ...]  # each routing decision: hidden layer + the shared output layer
+    # What the counts hold for (count_macs records them; None: not recorded, e.g. a breakdown built by hand).
+    input_size: Optional[Tuple[int, int, int]] = None  # (C, H, W) of the counted image
+    num_classes: Optional[int] = None  # the classifiers' output classes
 
     @property
     def num_experts(self) -> int:
@@ -166,4 +169,6 @@ def count_macs(model: RIDEResNet, input_size: Optional[Tuple[int, int, int]] = N
         model.train(was_training)
         for h in handles:
             h.remove()
-    return MacsBreakdown(shared, tuple(experts), tuple(classifiers), tuple(router))
+    return MacsBreakdown(
+        shared, tuple(experts), tuple(classifiers), tuple(router), tuple(input_size), model.num_classes
+    )

@@ -409,7 +409,8 @@ def evaluate(
         amp_dtype: run under ``torch.autocast`` with this dtype (float16 / bfloat16); None for float32.
         channels_last: pass the inputs in channels-last memory format.
         macs: the model's MACs breakdown at the eval input size (``ride_models.flops.count_macs``), for
-            ``gmacs_per_image``; None leaves it out. A breakdown for another expert count is refused.
+            ``gmacs_per_image``; None leaves it out. A breakdown for another expert count, class count or
+            input size (the images' ``[C, H, W]``) is refused.
 
     Raises:
         ValueError: for a batch that is not an ``(x, y)`` pair, labels that are not ``[B]`` class indices of
@@ -437,6 +438,11 @@ def evaluate(
             f"macs is the MACs breakdown of a {macs.num_experts}-expert model, but the model has "
             f"{num_experts} experts; pass count_macs(model, input_size) of the model evaluated (or macs=None)"
         )
+    if macs is not None and macs.num_classes is not None and macs.num_classes != num_classes:
+        raise ValueError(
+            f"macs is the MACs breakdown of a model with {macs.num_classes} classes, but the model has "
+            f"{num_classes}; pass count_macs(model, input_size) of the model evaluated (or macs=None)"
+        )
     device = torch.device(device)
     autocast = (
         torch.autocast(device_type=device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
@@ -452,6 +458,7 @@ def evaluate(
                 x, y = _images_and_labels(batch, batches - 1, num_classes)
                 if x.shape[0] == 0:
                     continue
+                _check_macs_input(macs, x, batches - 1)
                 x = x.to(device, non_blocking=True)
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
@@ -494,6 +501,18 @@ def evaluate(
     result.model = (getattr(model, "pretrained_cfg", None) or {}).get("architecture", type(model).__name__)
     result.dataset = getattr(getattr(loader, "dataset", None), "name", "")
     return result
+
+
+def _check_macs_input(macs: Optional[MacsBreakdown], x: torch.Tensor, index: int) -> None:
+    """Refuse a MACs breakdown counted for another image size than batch ``index``'s (its costs would be
+    those of other maps)."""
+    if macs is None or macs.input_size is None or tuple(x.shape[1:]) == macs.input_size:
+        return
+    size = tuple(x.shape[1:])
+    raise ValueError(
+        f"macs was counted for {list(macs.input_size)} images, but batch {index} holds {list(size)} images; "
+        f"pass count_macs(model, input_size={size}) (or macs=None)"
+    )
 
 
 def _images_and_labels(batch: Any, index: int, num_classes: int) -> tuple:

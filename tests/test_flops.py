@@ -97,6 +97,7 @@ def test_breakdown_parts_and_router():
     assert macs.router == (814, 814) == (48 * 16 + 46,) * 2
     assert macs.classifiers == (4_800,) * 3
     assert macs.all_experts == 100_358_208  # flops.json own_conv_linear_macs, ResNet32Model E=3, "total"
+    assert macs.input_size == (3, 32, 32) and macs.num_classes == 100  # what the counts hold for
 
 
 # One expert = conv(E + 1 experts) - conv(E experts); shared = conv(2 experts) - 2 x one expert, from the
@@ -215,3 +216,4 @@ def test_count_macs_takes_the_model_input_channels():
     # channel, so the shared part is 24,035,328 - 2 x 147,456 = 23,740,416.
     macs = count_macs(timm.create_model("ride_resnet32_2e", num_classes=10, in_chans=1))
     assert macs.shared == 23_740_416 and macs.experts == (25_436_160, 25_436_160)
+    assert macs.input_size == (1, 32, 32) and macs.num_classes == 10

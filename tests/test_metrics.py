@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import warnings
@@ -401,6 +402,24 @@ def test_evaluate_refuses_the_macs_of_another_expert_count(scripted_model):
     # The model's own: (1356 + 1712 + 2018) x 2 images / 6 MACs, as in test_evaluate_routed_hand_computed.
     r = evaluate(scripted_model, scripted_loader(), class_counts=CLASS_COUNTS, routing="router", macs=MACS)
     assert r.gmacs_per_image == pytest.approx(5086 / 3 / 1e9)
+
+
+def test_evaluate_refuses_the_macs_of_another_class_count_or_input_size(scripted_model):
+    # Counted for 1,000 classes, the classifiers' MACs are wrong for the 6-class model; counted at 64x64,
+    # every convolution's MACs are 4x those of the 32x32 images evaluated.
+    other_classes = dataclasses.replace(MACS, input_size=(3, 32, 32), num_classes=1000)
+    with pytest.raises(ValueError, match=r"model with 1000 classes, but the model has 6; pass count_macs"):
+        evaluate(scripted_model, scripted_loader(), class_counts=CLASS_COUNTS, macs=other_classes)
+    other_size = dataclasses.replace(MACS, input_size=(3, 64, 64), num_classes=6)
+    with pytest.raises(
+        ValueError,
+        match=r"counted for \[3, 64, 64\] images, but batch 0 holds \[3, 32, 32\] images; "
+        r"pass count_macs\(model, input_size=\(3, 32, 32\)\)",
+    ):
+        evaluate(scripted_model, scripted_loader(), class_counts=CLASS_COUNTS, macs=other_size)
+    right = dataclasses.replace(MACS, input_size=(3, 32, 32), num_classes=6)
+    r = evaluate(scripted_model, scripted_loader(), class_counts=CLASS_COUNTS, routing="router", macs=right)
+    assert r.gmacs_per_image == pytest.approx(5086 / 3 / 1e9)  # as in the test above
 
 
 def test_evaluate_takes_a_label_column_as_accuracy_does(scripted_model):
