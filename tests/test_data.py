@@ -503,7 +503,10 @@ def test_image_files_of_every_mode_load_as_8_bit_rgb(tmp_path: Path) -> None:
     cases = {  # file: (image, the modes Pillow may open it in, the expected RGB pixels)
         "gray16.png": (Image.fromarray(sixteen.astype(np.uint16)), {"I;16", "I"}, eight),
         "gray16b.tif": (Image.fromarray(sixteen.astype(">u2")), {"I;16B"}, eight),
-        "int32.tif": (Image.fromarray(sixteen.astype(np.int32)), {"I"}, eight),
+        # Pillow opens a 16-bit PGM as "I", rescaled to 0..65535.
+        "gray16.pgm": (Image.fromarray(sixteen.astype(np.uint16)), {"I"}, eight),
+        # A 32-bit TIFF declares no scale: 0..255 is read as timm and torchvision read it (convert("RGB")).
+        "int32.tif": (Image.fromarray(np.array([[0, 100, 255]], np.int32)), {"I"}, _gray(0, 100, 255)),
         "gray.png": (Image.fromarray(np.array([[0, 100, 255]], np.uint8)), {"L"}, _gray(0, 100, 255)),
         "rgba.png": (Image.new("RGBA", (1, 1), (10, 20, 30, 40)), {"RGBA"}, [(10, 20, 30)]),
         "palette.png": (palette, {"P"}, [(255, 0, 0), (0, 0, 255)]),
@@ -512,6 +515,9 @@ def test_image_files_of_every_mode_load_as_8_bit_rgb(tmp_path: Path) -> None:
     }
     for name, (image, _, _) in cases.items():
         image.save(tmp_path / name)
+    # A 12-bit PGM (maxval 4095): 1365 is a third of 4095, so 85 (a third of 255); 4095 is white.
+    (tmp_path / "gray12.pgm").write_bytes(b"P2\n3 1\n4095\n0 1365 4095\n")
+    cases["gray12.pgm"] = (None, {"I"}, _gray(0, 85, 255))
     dataset = _image_list([tmp_path / name for name in cases])
     for i, (name, (_, modes, pixels)) in enumerate(cases.items()):
         with Image.open(tmp_path / name) as opened:
@@ -542,11 +548,13 @@ def test_unreadable_image_files_are_named(tmp_path: Path) -> None:
     # Pixels whose range is unknown are refused, not clipped.
     Image.fromarray(np.array([[0.0, 0.5]], np.float32)).save(tmp_path / "float.tif")
     Image.fromarray(np.array([[0, 70000]], np.int32)).save(tmp_path / "int32.tif")
-    dataset = _image_list([tmp_path / "float.tif", tmp_path / "int32.tif"])
+    Image.fromarray(np.array([[0, 256]], np.int32)).save(tmp_path / "int32_256.tif")  # 8-bit? 16-bit?
+    dataset = _image_list([tmp_path / name for name in ("float.tif", "int32.tif", "int32_256.tif")])
     with pytest.raises(ValueError, match=r"float\.tif has floating-point pixels \(mode F\) of unknown range"):
         dataset.load_image(0)
-    with pytest.raises(ValueError, match=r"int32\.tif has 32-bit integer pixels \(0\.\.70000\), outside the"):
-        dataset.load_image(1)
+    for i, values in ((1, "0..70000"), (2, "0..256")):
+        with pytest.raises(ValueError, match=rf"int32\S*\.tif has 32-bit integer pixels \({values}\) of"):
+            dataset.load_image(i)
 
 
 # ------------------------------------------------------------------------------------ embedded default

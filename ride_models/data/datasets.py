@@ -161,20 +161,26 @@ class ImageListDataset(LongTailDataset):
             raise ValueError(f"cannot read image {path}: {error}; remove or replace the file") from error
 
 
-_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # "I": how older Pillow opens 16-bit PNGs
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+# Formats whose mode "I" (32-bit integer) holds 16-bit pixels: Pillow opens a PGM with maxval > 255 as
+# "I" rescaled to 0..65535, and (before it had "I;16" for PNG) 16-bit PNGs as "I".
+_SIXTEEN_BIT_I_FORMATS = ("PPM", "PNG")
 
 
 def _to_rgb(img: Image.Image, path: str) -> Image.Image:
-    """``img`` as 8-bit RGB. 16-bit grayscale is scaled to 8 bits first: ``convert`` would clip it, turning
-    almost every pixel white."""
-    if img.mode in _SIXTEEN_BIT_MODES:
-        pixels = np.asarray(img)
-        if pixels.min() < 0 or pixels.max() > 65535:  # mode "I" holds 32 bits: beyond 16, no known scale
+    """``img`` as 8-bit RGB, as timm and torchvision read it (``convert("RGB")``) where that keeps the pixel
+    values; ``convert`` clips integer pixels to 0..255, so 16-bit grayscale is scaled to 8 bits first (else
+    almost every pixel turns white), and 32-bit integer pixels beyond 0..255, whose scale no file declares,
+    are refused rather than clipped."""
+    if img.mode in _SIXTEEN_BIT_MODES or (img.mode == "I" and img.format in _SIXTEEN_BIT_I_FORMATS):
+        img = Image.fromarray(np.rint(np.asarray(img) / 257).astype(np.uint8))  # 0..65535 -> 0..255
+    elif img.mode == "I":  # a 32-bit TIFF, say: 0..255 read as timm reads them, anything else refused
+        low, high = img.getextrema()
+        if low < 0 or high > 255:
             raise ValueError(
-                f"image {path} has 32-bit integer pixels ({pixels.min()}..{pixels.max()}), outside the "
-                "16-bit range 0..65535; save it with 8 or 16 bits per channel"
+                f"image {path} has 32-bit integer pixels ({low}..{high}) of unknown scale (only 0..255 is "
+                "read, as 8-bit values); save it with 8 or 16 bits per channel (e.g. a 16-bit PNG)"
             )
-        img = Image.fromarray(np.rint(pixels / 257).astype(np.uint8))  # 0..65535 -> 0..255
     elif img.mode == "F":
         raise ValueError(
             f"image {path} has floating-point pixels (mode F) of unknown range; save it with 8 or 16 bits "
