@@ -35,6 +35,7 @@ from ride_models.data import (
     create_dataset,
     load_class_counts,
 )
+from ride_models.data.datasets import CLASS_COUNTS_DATASETS
 from ride_models.data.transforms import SMALL_IMAGE_CONFIGS
 from ride_models.flops import count_macs
 from ride_models.metrics import EvalResult, evaluate, format_table, parse_routing
@@ -137,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _build_dataset(args: argparse.Namespace) -> LongTailDataset:
     counts = parse_class_counts(args.class_counts) if args.class_counts else None
     split_file = args.dataset in SPLIT_FILE_DATASETS
+    takes_counts = args.dataset in CLASS_COUNTS_DATASETS
     try:
         dataset = create_dataset(
             args.dataset,
@@ -145,11 +147,10 @@ def _build_dataset(args: argparse.Namespace) -> LongTailDataset:
             imb_ratio=args.imb_ratio,
             download=args.dataset_download,
             split_dir=args.split_dir if split_file else None,
-            class_counts=counts if split_file else None,
+            class_counts=counts if takes_counts else None,
         )
-        # The other datasets know their training counts; --class-counts replaces them (e.g. a folder
-        # holding only part of the training images).
-        if counts is not None and not split_file:
+        # CIFAR and the digits know their training counts; --class-counts replaces them.
+        if counts is not None and not takes_counts:
             dataset.class_counts = load_class_counts(counts, dataset.num_classes)
     except (FileNotFoundError, ValueError) as error:
         raise type(error)(

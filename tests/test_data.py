@@ -441,6 +441,27 @@ def test_folder_dataset_and_long_tail_subsampling(tmp_path: Path) -> None:
     assert bare.class_counts == [10, 6, 4]
 
 
+def test_a_folder_split_without_its_training_tree(tmp_path: Path) -> None:
+    """Without train/, class_counts give the training counts and the test tree's folders the classes."""
+    _write_folder(tmp_path / "test", {"dog": 1, "ant": 2})
+    (tmp_path / "test" / "cat").mkdir()  # a class without test images keeps its folder
+    with pytest.raises(FileNotFoundError, match=r"no training tree at .*train(.|\n)*pass class_counts="):
+        create_dataset("folder", tmp_path, "test")
+    test = create_dataset("folder", tmp_path, "test", class_counts=[300, 30, 3])
+    assert test.classes == ["ant", "cat", "dog"] and test.targets == [0, 0, 2]  # cat: index 1, no image
+    assert test.class_counts == [300, 30, 3]  # > 100 many, 20..100 medium, < 20 few
+    assert test.shot_splits() == {"many": [0], "medium": [1], "few": [2]}
+    # Two folders for three counts: a class is missing, which would shift the labels after it.
+    (tmp_path / "test" / "cat").rmdir()
+    with pytest.raises(ValueError, match=r"has 2 class folders but the class counts give 3 classes"):
+        create_dataset("folder", tmp_path, "test", class_counts=[300, 30, 3])
+    # With train/, class_counts replace its counts; imb_ratio as well is refused.
+    _write_folder(tmp_path / "train", {"ant": 2, "dog": 1})
+    assert create_dataset("folder", tmp_path, "test", class_counts=[7, 5]).class_counts == [7, 5]
+    with pytest.raises(ValueError, match="imb_ratio and class_counts both"):
+        create_dataset("folder", tmp_path, "test", class_counts=[7, 5], imb_ratio=2)
+
+
 def test_folder_errors(tmp_path: Path) -> None:
     _write_folder(tmp_path / "train", {"a": 3, "b": 2})
     (tmp_path / "train" / "empty").mkdir()
@@ -454,8 +475,10 @@ def test_folder_errors(tmp_path: Path) -> None:
         create_dataset("folder", tmp_path, imb_ratio=0.5)
     with pytest.raises(ValueError, match="no image"):
         create_dataset("folder", tmp_path, imb_ratio=3)  # 2 * (1/3) ** 1 = 0.67 -> the last class is empty
-    with pytest.raises(ValueError, match="options of"):
+    with pytest.raises(ValueError, match="split_dir is an option of"):
         create_dataset("folder", tmp_path, split_dir=tmp_path)
+    with pytest.raises(ValueError, match="class_counts is an option of"):
+        create_dataset("digits_lt", class_counts=[1] * 10)
     with pytest.raises(ValueError, match="download is an option"):
         create_dataset("digits_lt", download=True)
     with pytest.raises(ValueError, match="unknown dataset"):

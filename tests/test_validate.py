@@ -328,6 +328,28 @@ def test_split_file_dataset_without_class_counts(tmp_path):
     assert r.experts_per_split["many"] == 2 and r.experts_per_split["few"] == 2  # labels 0 and 999
 
 
+def test_folder_with_a_test_tree_only(tmp_path):
+    """--dataset folder without train/: the test tree's class folders (sorted) are the classes and
+    --class-counts the training counts; without them it says so instead of asking for train/."""
+    for name, n in (("ant", 2), ("bee", 0), ("cat", 1)):  # bee: a class without test images
+        (tmp_path / "test" / name).mkdir(parents=True)
+        for i in range(n):
+            Image.new("RGB", (40, 30), (40 * i, 90, 200)).save(tmp_path / "test" / name / f"{i}.png")
+    args = ["--model", "ride_resnet32_2e", "--dataset", "folder", "--data-dir", str(tmp_path), "-j", "0"]
+    with pytest.raises(FileNotFoundError, match=r"no training tree(.|\n)*--class-counts"):
+        validate.main(args)
+    with pytest.raises(ValueError, match=r"has 3 class folders but the class counts give 2 classes"):
+        validate.main([*args, "--class-counts", "150,5"])
+    results_file = tmp_path / "r.json"
+    validate.main(
+        [*args, "--class-counts", "150,50,5", "--device", "cpu", "--results-file", str(results_file)]
+    )
+    # 150 > 100 many (ant), 50 medium (bee), 5 < 20 few (cat); the three images are of ant, ant, cat.
+    row = json.loads(results_file.read_text())
+    assert row["num_images"] == 3 and row["classes_per_split"] == {"many": 1, "medium": 1, "few": 1}
+    assert row["medium_top1"] is None and sum(row["experts_counts"]["few"]) == 1
+
+
 def test_not_a_ride_model():
     with pytest.raises(ValueError, match="resnet18 is not a RIDE model"):
         validate.main(["--model", "resnet18", "-j", "0"])

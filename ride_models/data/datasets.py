@@ -247,8 +247,10 @@ def create_dataset(
         transform: applied to each PIL image (see :func:`~ride_models.data.build_transform`).
         download: CIFAR only: let torchvision download the files into ``root`` if missing.
         split_dir: split-file datasets: folder of the split files (default ``root``).
-        class_counts: split-file datasets, val/test: training counts per class (a list, or a JSON file
-            holding one) when the training split file is not at hand.
+        class_counts: training counts per class (a list, or a JSON file holding one). Split-file
+            datasets, val/test: when the training split file is not at hand. ``folder``: they replace
+            the counts of ``train/`` (e.g. a tree holding part of the training images), and are needed
+            for val/test without ``train/``.
         check_files: split-file datasets: check that every listed image exists.
 
     Returns:
@@ -256,10 +258,10 @@ def create_dataset(
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    if name not in SPLIT_FILE_DATASETS and (split_dir is not None or class_counts is not None):
-        raise ValueError(
-            f"split_dir and class_counts are options of {sorted(SPLIT_FILE_DATASETS)}, not of {name}"
-        )
+    if name not in SPLIT_FILE_DATASETS and split_dir is not None:
+        raise ValueError(f"split_dir is an option of {sorted(SPLIT_FILE_DATASETS)}, not of {name}")
+    if name not in CLASS_COUNTS_DATASETS and class_counts is not None:
+        raise ValueError(f"class_counts is an option of {sorted(CLASS_COUNTS_DATASETS)}, not of {name}")
     if download and name not in _CIFAR:
         raise ValueError(f"download is an option of {sorted(_CIFAR)}, not of {name}")
     if name in _CIFAR:
@@ -279,7 +281,7 @@ def create_dataset(
             check_files=check_files,
         )
     if name == "folder":
-        return _create_folder_dataset(root, split, imb_ratio, seed, transform)
+        return _create_folder_dataset(root, split, imb_ratio, seed, transform, class_counts)
     if name == "digits_lt":
         digits_split = "train" if split == "train" else "test"
         images, labels, counts = load_digits(digits_split, _ratio_or(imb_ratio, DIGITS_IMB_RATIO), seed)
@@ -418,7 +420,7 @@ def scan_image_folder(
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"image folder {directory} does not exist")
-    found = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
+    found = _class_folders(directory)
     every_class_needed = classes is None  # a training tree: an empty class is an error
     if classes is None:
         if not found:
@@ -443,6 +445,11 @@ def scan_image_folder(
         paths += files
         targets += [c] * len(files)
     return paths, targets, list(classes)
+
+
+def _class_folders(directory: Path) -> list[str]:
+    """The class names of an ImageFolder tree: its sub-folders, hidden ones skipped, sorted."""
+    return sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
 
 
 def _image_files(folder: Path) -> list[str]:
@@ -471,32 +478,71 @@ def _find_split_dir(name: str, root: Path, split: str) -> Path:
 
 
 def _create_folder_dataset(
-    root: str | Path | None, split: str, imb_ratio: float | None, seed: int, transform: Callable | None
+    root: str | Path | None,
+    split: str,
+    imb_ratio: float | None,
+    seed: int,
+    transform: Callable | None,
+    class_counts: Sequence[int] | str | Path | None,
 ) -> ImageListDataset:
     """A user's ImageFolder tree; with ``imb_ratio``, the training split is cut to the exponential profile.
 
     The profile's head count is the smallest class's size (every class can give its share), classes
-    in sorted-name order (class 0 the head); selection as the official CIFAR-LT one.
+    in sorted-name order (class 0 the head); selection as the official CIFAR-LT one. ``class_counts``
+    replace the training counts; without ``train/`` they are needed, and the classes are the class
+    folders of the val/test tree.
     """
     root = _existing_root("folder", root, "an ImageFolder tree train/<class>/<image> (+ val/ or test/)")
+    if imb_ratio is not None and class_counts is not None:
+        raise ValueError("folder: imb_ratio and class_counts both give the training counts; pass one of them")
     # A bare tree of class folders (no train/ sub-folder) is the training split, as in timm.
     train_dir = root / "train" if (root / "train").is_dir() or split != "train" else root
     if not train_dir.is_dir():
-        raise FileNotFoundError(
-            f"folder: no training tree at {train_dir}; the training split gives the class names and counts "
-            f"of every split, so {root} needs train/<class>/<image>"
-        )
+        return _create_folder_split_without_train(root, split, imb_ratio, transform, class_counts)
     train_paths, train_targets, classes = scan_image_folder(train_dir)
     counts = np.bincount(train_targets, minlength=len(classes)).tolist()
     if imb_ratio is not None:
         counts = long_tail_counts(len(classes), min(counts), check_ratio(imb_ratio))
-    if split == "train":
-        paths, targets = train_paths, train_targets
-        if imb_ratio is not None:
-            keep = select_per_class(train_targets, counts, seed)
-            paths, targets = [train_paths[i] for i in keep], [train_targets[i] for i in keep]
-    else:
+    paths, targets = train_paths, train_targets
+    if split != "train":
         paths, targets, _ = scan_image_folder(_find_split_dir("folder", root, split), classes)
+    elif imb_ratio is not None:
+        keep = select_per_class(train_targets, counts, seed)
+        paths, targets = [train_paths[i] for i in keep], [train_targets[i] for i in keep]
+    if class_counts is not None:
+        counts = load_class_counts(class_counts, len(classes))
+    return ImageListDataset(paths, targets, counts, classes, name="folder", split=split, transform=transform)
+
+
+def _create_folder_split_without_train(
+    root: Path,
+    split: str,
+    imb_ratio: float | None,
+    transform: Callable | None,
+    class_counts: Sequence[int] | str | Path | None,
+) -> ImageListDataset:
+    """A val/test tree alone: its class folders (sorted) are the classes, ``class_counts`` the counts.
+
+    A class missing from the tree would shift the index of every class after it, so the number of class
+    folders must equal the number of counts (a class without images keeps an empty folder).
+    """
+    if class_counts is None or imb_ratio is not None:
+        raise FileNotFoundError(
+            f"folder: no training tree at {root / 'train'}; it gives the classes and the training counts "
+            f"(for many/medium/few) of every split. Without it, pass class_counts= (validate.py: "
+            f"--class-counts) with the training images of every class: the {split} tree's class folders "
+            "are then the classes, in sorted order"
+        )
+    split_dir = _find_split_dir("folder", root, split)
+    classes = _class_folders(split_dir)
+    counts = load_class_counts(class_counts, None)
+    if len(counts) != len(classes):
+        raise ValueError(
+            f"folder: {split_dir} has {len(classes)} class folders but the class counts give {len(counts)} "
+            f"classes; without {root / 'train'}, the class folders of {split_dir} are the classes (sorted), "
+            "so every class needs a folder there, empty if it has no image"
+        )
+    paths, targets, _ = scan_image_folder(split_dir, classes)
     return ImageListDataset(paths, targets, counts, classes, name="folder", split=split, transform=transform)
 
 
@@ -523,6 +569,7 @@ SPLIT_FILE_DATASETS: dict[str, SplitFileSpec] = {
     "inat2018": SplitFileSpec("iNaturalist18", 8142, {"train": "train", "val": "val", "test": "val"}),
 }
 DATASET_NAMES = ("cifar10_lt", "cifar100_lt", *SPLIT_FILE_DATASETS, "folder", "digits_lt")
+CLASS_COUNTS_DATASETS = (*SPLIT_FILE_DATASETS, "folder")  # those taking create_dataset(class_counts=...)
 
 
 def read_split_file(path: str | Path, num_classes: int) -> tuple[list[str], list[int]]:
@@ -565,8 +612,9 @@ def read_split_file(path: str | Path, num_classes: int) -> tuple[list[str], list
     return paths, labels
 
 
-def load_class_counts(source: Sequence[int] | str | Path, num_classes: int) -> list[int]:
-    """Training class counts from a list, or a JSON file holding one (``ImageNet_LT_train_cls_freq.json``)."""
+def load_class_counts(source: Sequence[int] | str | Path, num_classes: int | None) -> list[int]:
+    """Training class counts from a list, or a JSON file holding one (``ImageNet_LT_train_cls_freq.json``);
+    ``num_classes`` None accepts any number of classes."""
     if isinstance(source, (str, Path)):
         path = Path(source).expanduser()
         if not path.is_file():
@@ -580,7 +628,7 @@ def load_class_counts(source: Sequence[int] | str | Path, num_classes: int) -> l
             f"{path} must be a list of training images per class (whole numbers, >= 0), "
             f"e.g. [500, 477, ...]; got {str(source)[:80]}"
         )
-    if len(counts) != num_classes:
+    if num_classes is not None and len(counts) != num_classes:
         raise ValueError(f"class counts have {len(counts)} entries, expected one per class ({num_classes})")
     return counts
 
