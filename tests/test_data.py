@@ -396,6 +396,9 @@ def test_split_file_errors(tmp_path: Path) -> None:
         ("train/class0/0.png 365", r"Places_LT_train.txt:3: label 365 is outside \[0, 365\)"),
         ("train/class0/0.png x1", r"Places_LT_train.txt:3: label 'x1' is not an integer"),
         ("train/class0/0.png", r"Places_LT_train.txt:3: expected 'relative/path label'"),
+        # line 3 repeats line 1 (class 0's only image), with its label or another
+        ("train/class0/0.png 0", r"Places_LT_train.txt:3: train/class0/0.png is listed already on line 1"),
+        ("train/class0/0.png 5", r"Places_LT_train.txt:3: train/class0/0.png is listed already on line 1"),
     ):
         (splits / "Places_LT_train.txt").write_text("\n".join(lines[:2] + [bad] + lines[3:]))
         with pytest.raises(ValueError, match=pattern):

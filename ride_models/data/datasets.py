@@ -580,13 +580,15 @@ def read_split_file(path: str | Path, num_classes: int) -> tuple[list[str], list
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: a line without two fields, a label that is not an integer or not in ``[0, num_classes)``.
+        ValueError: a line without two fields, a label that is not an integer or not in ``[0, num_classes)``,
+            an image listed twice.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"split file {path.name} not found (looked at {path})")
     paths: list[str] = []
     labels: list[int] = []
+    first_line: dict[str, int] = {}  # path -> the line listing it
     with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not part of the first path
         for line_no, line in enumerate(f, 1):
             if not line.strip():
@@ -605,6 +607,14 @@ def read_split_file(path: str | Path, num_classes: int) -> tuple[list[str], list
                 raise ValueError(
                     f"{path}:{line_no}: label {label} is outside [0, {num_classes}) (line {line.strip()!r})"
                 )
+            # The published split files list every image once; a repeat would count (or evaluate) an image
+            # twice, or give it two labels.
+            if rel in first_line:
+                raise ValueError(
+                    f"{path}:{line_no}: {rel} is listed already on line {first_line[rel]}; list every image "
+                    "once (remove the repeated line)"
+                )
+            first_line[rel] = line_no
             paths.append(rel)
             labels.append(label)
     if not paths:
