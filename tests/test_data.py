@@ -667,6 +667,13 @@ def test_class_counts_must_be_whole_numbers(tmp_path: Path) -> None:
             load_class_counts(path, 2)
 
 
+def test_a_split_file_not_in_utf8_names_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "split.txt"
+    path.write_bytes("train/a/0.png 0\ntrain/café/0.png 1\n".encode("latin-1"))  # é is byte 0xE9
+    with pytest.raises(ValueError, match=r"split.txt:2: not UTF-8 text .*save the split file as UTF-8"):
+        read_split_file(path, num_classes=2)
+
+
 def test_a_split_file_with_a_byte_order_mark(tmp_path: Path) -> None:
     path = tmp_path / "split.txt"
     path.write_text("train/a/0.png 0\ntrain/b/0.png 1\n", encoding="utf-8-sig")

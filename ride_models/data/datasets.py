@@ -589,8 +589,15 @@ def read_split_file(path: str | Path, num_classes: int) -> tuple[list[str], list
     paths: list[str] = []
     labels: list[int] = []
     first_line: dict[str, int] = {}  # path -> the line listing it
-    with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not part of the first path
-        for line_no, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # decoded line by line, so that a line not in UTF-8 is named
+        for line_no, raw in enumerate(f, 1):
+            try:  # -sig: a byte-order mark is not part of the first path
+                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(
+                    f"{path}:{line_no}: not UTF-8 text ({error.reason} at byte {error.start} of the line: "
+                    f"{raw.strip()!r}); save the split file as UTF-8"
+                ) from None
             if not line.strip():
                 continue
             fields = line.rsplit(maxsplit=1)  # the label is the last field; a path may hold spaces
