@@ -674,6 +674,13 @@ def test_a_split_file_not_in_utf8_names_its_line(tmp_path: Path) -> None:
         read_split_file(path, num_classes=2)
 
 
+def test_split_file_lines_with_white_space_and_crlf(tmp_path: Path) -> None:
+    path = tmp_path / "split.txt"
+    path.write_bytes(b"  train/a/0.png 0\r\n\r\n\ttrain/my cat/1.png\t 1  \r\n   \r\n")
+    paths, labels = read_split_file(path, num_classes=2)
+    assert paths == ["train/a/0.png", "train/my cat/1.png"] and labels == [0, 1]
+
+
 def test_a_split_file_with_a_byte_order_mark(tmp_path: Path) -> None:
     path = tmp_path / "split.txt"
     path.write_text("train/a/0.png 0\ntrain/b/0.png 1\n", encoding="utf-8-sig")

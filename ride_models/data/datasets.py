@@ -600,7 +600,9 @@ def read_split_file(path: str | Path, num_classes: int) -> tuple[list[str], list
                 ) from None
             if not line.strip():
                 continue
-            fields = line.rsplit(maxsplit=1)  # the label is the last field; a path may hold spaces
+            # The label is the last field; a path may hold spaces. strip() first: rsplit with maxsplit keeps
+            # leading white space in the path (an indented line would name " train/...").
+            fields = line.strip().rsplit(maxsplit=1)
             if len(fields) != 2:
                 raise ValueError(f"{path}:{line_no}: expected 'relative/path label', got {line.strip()!r}")
             rel, label = fields
