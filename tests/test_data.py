@@ -646,6 +646,18 @@ def test_folder_trees_are_read_as_imagefolder_reads_them(tmp_path: Path) -> None
     assert all("/." not in p for p in dataset.paths)
 
 
+def test_a_folder_linked_to_from_below_is_read_once(tmp_path: Path) -> None:
+    """A link back up the tree (a/sub/back -> ..) made os.walk, and so torchvision's ImageFolder, list
+    a/00.png and a/sub/00.png again at every depth until the path grew too long; class a has 2 images."""
+    _write_folder(tmp_path / "train", {"a": 1, "b": 1})
+    _write_folder(tmp_path / "train" / "a", {"sub": 1})
+    (tmp_path / "train" / "a" / "sub" / "back").symlink_to("..")
+    (tmp_path / "train" / "b" / "also_a").symlink_to(tmp_path / "train" / "a")  # another class's: counted
+    dataset = create_dataset("folder", tmp_path)
+    assert dataset.class_counts == [2, 3]
+    assert dataset.paths[:2] == [str(tmp_path / "train" / "a" / p) for p in ("00.png", "sub/00.png")]
+
+
 def test_the_ratio_advised_for_a_too_steep_tail_works() -> None:
     for img_max in (49, 98, 103, 107, 161, 50, 500):
         with pytest.raises(ValueError) as err:

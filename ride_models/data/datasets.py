@@ -454,9 +454,18 @@ def _class_folders(directory: Path) -> list[str]:
 
 def _image_files(folder: Path) -> list[str]:
     """The image files under ``folder`` at any depth, as torchvision's ImageFolder finds them, sorted; hidden
-    files and folders (``.ipynb_checkpoints``, macOS's ``._name.jpg``) and broken links are skipped."""
+    files and folders (``.ipynb_checkpoints``, macOS's ``._name.jpg``) and broken links are skipped, and a
+    folder reached twice through links is read once."""
     files = []
+    visited: set[str] = set()
     for parent, folders, names in os.walk(folder, followlinks=True):
+        # A link to a folder above (``up -> ..``) would list the same images again at every depth os.walk
+        # reaches (torchvision's ImageFolder does), inflating the class's count.
+        real = os.path.realpath(parent)
+        if real in visited:
+            folders[:] = []
+            continue
+        visited.add(real)
         folders[:] = [name for name in folders if not name.startswith(".")]
         files += [
             path
