@@ -388,6 +388,11 @@ def test_split_file_errors(tmp_path: Path) -> None:
     assert "split_dir" in msg
     with pytest.raises(FileNotFoundError, match="does not exist"):
         create_dataset("imagenet_lt", tmp_path / "missing")
+    (tmp_path / "train" / "class8" / "2.png").write_bytes(b"")  # an interrupted copy
+    with pytest.raises(
+        ValueError, match=r"1 image files listed in .*Places_LT_train.txt are empty .*class8/2.png"
+    ):
+        create_dataset("places_lt", tmp_path, "train", split_dir=splits)
     (tmp_path / "train" / "class7" / "0.png").unlink()
     with pytest.raises(FileNotFoundError, match=r"1 of 729 images listed .* missing .*class7/0.png"):
         create_dataset("places_lt", tmp_path, "train", split_dir=splits)
@@ -471,6 +476,12 @@ def test_folder_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"class folder .*empty holds no image"):
         create_dataset("folder", tmp_path)
     (tmp_path / "train" / "empty").rmdir()
+    (tmp_path / "train" / "b" / "zero.jpg").write_bytes(b"")  # would stop training when loaded
+    with pytest.raises(
+        ValueError, match=r"1 image files under .*train/b are empty \(0 bytes\), e.g. .*zero.jpg"
+    ):
+        create_dataset("folder", tmp_path)
+    (tmp_path / "train" / "b" / "zero.jpg").unlink()
     _write_folder(tmp_path / "val", {"a": 1, "zebra": 1})
     with pytest.raises(ValueError, match=r"class folders \['zebra'\] that the training split does not have"):
         create_dataset("folder", tmp_path, "val")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -251,7 +252,7 @@ def create_dataset(
             datasets, val/test: when the training split file is not at hand. ``folder``: they replace
             the counts of ``train/`` (e.g. a tree holding part of the training images), and are needed
             for val/test without ``train/``.
-        check_files: split-file datasets: check that every listed image exists.
+        check_files: split-file datasets: check that every listed image exists and is not empty.
 
     Returns:
         An :class:`ImageListDataset` or :class:`ArrayDataset`.
@@ -456,7 +457,7 @@ def _image_files(folder: Path) -> list[str]:
     """The image files under ``folder`` at any depth, as torchvision's ImageFolder finds them, sorted; hidden
     files and folders (``.ipynb_checkpoints``, macOS's ``._name.jpg``) and broken links are skipped, and a
     folder reached twice through links is read once."""
-    files = []
+    files, empty = [], []
     visited: set[str] = set()
     for parent, folders, names in os.walk(folder, followlinks=True):
         # A link to a folder above (``up -> ..``) would list the same images again at every depth os.walk
@@ -467,12 +468,32 @@ def _image_files(folder: Path) -> list[str]:
             continue
         visited.add(real)
         folders[:] = [name for name in folders if not name.startswith(".")]
-        files += [
-            path
-            for path in (os.path.join(parent, name) for name in names if not name.startswith("."))
-            if path.lower().endswith(IMG_EXTENSIONS) and os.path.isfile(path)
-        ]
+        for name in names:
+            if not name.startswith(".") and name.lower().endswith(IMG_EXTENSIONS):
+                path = os.path.join(parent, name)
+                size = _regular_file_size(path)
+                if size is not None:  # None: a broken link
+                    (files if size else empty).append(path)
+    if empty:
+        raise _empty_files_error(sorted(empty), f"under {folder}")
     return sorted(files)
+
+
+def _regular_file_size(path: str | Path) -> int | None:
+    """The size of a regular file (links followed); None if ``path`` is anything else or missing."""
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    return status.st_size if stat.S_ISREG(status.st_mode) else None
+
+
+def _empty_files_error(empty: Sequence[str | Path], where: str) -> ValueError:
+    """Zero-byte image files are refused when the dataset is built: each would stop training when loaded."""
+    return ValueError(
+        f"{len(empty)} image files {where} are empty (0 bytes), e.g. {empty[0]}, as an interrupted copy or "
+        "download leaves them; replace them, or remove them (and their split-file lines)"
+    )
 
 
 _SPLIT_FOLDER_NAMES = {"train": ("train",), "val": ("val", "validation", "test"), "test": ("test", "val")}
@@ -702,12 +723,16 @@ def _create_split_file_dataset(
         ).tolist()
     paths = [root / p for p in rel_paths]
     if check_files:
-        missing = [p for p in paths if not p.is_file()]
+        sizes = [_regular_file_size(p) for p in paths]
+        missing = [p for p, size in zip(paths, sizes) if size is None]
         if missing:
             raise FileNotFoundError(
                 f"{name}: {len(missing)} of {len(paths)} images listed in {split_file} are missing under "
                 f"{root}, e.g. {missing[0]}; root (--data-dir) must be the folder the listed paths are "
                 "relative to"
             )
+        empty = [p for p, size in zip(paths, sizes) if size == 0]
+        if empty:
+            raise _empty_files_error(empty, f"listed in {split_file}")
     classes = [str(c) for c in range(spec.num_classes)]
     return ImageListDataset(paths, targets, counts, classes, name=name, split=split, transform=transform)
