@@ -137,6 +137,9 @@ def test_balanced_sampler_errors() -> None:
         ClassBalancedSampler([0, 0, 2])
     with pytest.raises(ValueError, match="rank"):
         ClassBalancedSampler([0, 1], num_replicas=2, rank=2)
+    for bad in (-3, 2.5):
+        with pytest.raises(ValueError, match=rf"num_samples must be a whole number of draws >= 0, got {bad}"):
+            ClassBalancedSampler([0, 1], num_samples=bad)
 
 
 # --------------------------------------------------------------------------------- batched tensor ops

@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch.utils.data import Sampler
 
-from ride_models.data.sampling import as_labels
+from ride_models.data.sampling import as_labels, whole_count
 
 
 def class_balanced_order(
@@ -87,6 +87,9 @@ class ClassBalancedSampler(Sampler[int]):
                 f"classes {empty[:10]} have no image, so a uniformly drawn class could not be served; "
                 "relabel the classes to 0..C-1 without gaps"
             )
+        if num_samples is not None and whole_count(num_samples) is None:
+            # int() would truncate 2.5, and a negative count failed only on iteration, in len()
+            raise ValueError(f"num_samples must be a whole number of draws >= 0, got {num_samples!r}")
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank must be in [0, num_replicas={num_replicas}), got {rank}")
         # Indices of each class, ascending (a stable sort groups them in one pass, also for 8,142 classes).
