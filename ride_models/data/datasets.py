@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -611,14 +612,18 @@ def read_split_file(path: str | Path, num_classes: int) -> tuple[list[str], list
     Raises:
         FileNotFoundError: the file does not exist.
         ValueError: a line without two fields, a label that is not an integer or not in ``[0, num_classes)``,
-            an image listed twice.
+            an image listed again with another label.
+
+    An image listed again with the same label is kept, as the official loaders keep every line (it counts
+    twice), with a warning naming the lines: published split files of other datasets have had repeats.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"split file {path.name} not found (looked at {path})")
     paths: list[str] = []
     labels: list[int] = []
-    first_line: dict[str, int] = {}  # path -> the line listing it
+    first_seen: dict[str, tuple[int, int]] = {}  # path -> (the line first listing it, its label there)
+    repeats: list[tuple[int, str]] = []  # (line, path) of each repeat with the same label
     with open(path, "rb") as f:  # decoded line by line, so that a line not in UTF-8 is named
         for line_no, raw in enumerate(f, 1):
             try:  # -sig: a byte-order mark is not part of the first path
@@ -646,18 +651,28 @@ def read_split_file(path: str | Path, num_classes: int) -> tuple[list[str], list
                 raise ValueError(
                     f"{path}:{line_no}: label {label} is outside [0, {num_classes}) (line {line.strip()!r})"
                 )
-            # The published split files list every image once; a repeat would count (or evaluate) an image
-            # twice, or give it two labels.
-            if rel in first_line:
-                raise ValueError(
-                    f"{path}:{line_no}: {rel} is listed already on line {first_line[rel]}; list every image "
-                    "once (remove the repeated line)"
-                )
-            first_line[rel] = line_no
+            if rel in first_seen:
+                first, first_label = first_seen[rel]
+                if first_label != label:  # one image trained towards two classes
+                    raise ValueError(
+                        f"{path}:{line_no}: {rel} is listed with label {first_label} on line {first} and "
+                        f"with label {label} here; give every image one label"
+                    )
+                repeats.append((line_no, rel))
+            else:
+                first_seen[rel] = line_no, label
             paths.append(rel)
             labels.append(label)
     if not paths:
         raise ValueError(f"split file {path} lists no image")
+    if repeats:
+        line_no, rel = repeats[0]
+        warnings.warn(
+            f"{path}: {len(repeats)} lines repeat an image listed before, with the same label (e.g. line "
+            f"{line_no}: {rel}, first on line {first_seen[rel][0]}); each line counts as one image, as in "
+            "the official loaders: remove the repeated lines if that is not meant",
+            stacklevel=2,
+        )
     return paths, labels
 
 
