@@ -93,6 +93,44 @@ def test_stochastic_depth_in_training_uses_the_loop():
     assert can_fuse(list(model.experts), training=False)  # DropPath is the identity in eval mode
 
 
+def test_other_batch_norm_kinds_run_their_own_forward_in_training():
+    # Swapped in after building, FrozenBatchNorm2d always normalises with the running statistics and never
+    # updates them, and SyncBatchNorm takes its statistics over every process: the fused pass (plain batch
+    # norm, batch statistics) would compute something else, so such experts run as modules.
+    from timm.layers import freeze_batch_norm_2d
+
+    torch.manual_seed(0)
+    model = timm.create_model("ride_resnet32_2e", num_classes=7).double()
+    with torch.no_grad():
+        model.train()(torch.randn(4, 3, 32, 32, dtype=torch.float64))  # non-trivial running statistics
+    frozen = freeze_batch_norm_2d(model)
+    fused, loop = copy.deepcopy(frozen), copy.deepcopy(frozen)
+    fused.set_fused_experts(True), loop.set_fused_experts(False)
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        expected = loop.train()(x)
+        torch.testing.assert_close(fused.train()(x), expected, rtol=1e-10, atol=1e-10)
+    for key, value in fused.state_dict().items():  # the running statistics stayed as they were
+        torch.testing.assert_close(value, frozen.state_dict()[key], rtol=0, atol=0, msg=key)
+
+    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(timm.create_model("ride_resnet32_2e"))
+    synced.set_fused_experts(True)
+    calls = []
+    original = torch.nn.SyncBatchNorm.forward
+
+    def counting(self, input):
+        calls.append(self)
+        return original(self, input)
+
+    torch.nn.SyncBatchNorm.forward = counting
+    try:
+        synced.train()(torch.randn(2, 3, 32, 32))
+    finally:
+        torch.nn.SyncBatchNorm.forward = original
+    expert_norms = [m for m in synced.experts.modules() if isinstance(m, torch.nn.SyncBatchNorm)]
+    assert expert_norms and all(any(m is c for c in calls) for m in expert_norms)
+
+
 def test_state_dict_layout_does_not_depend_on_fusing():
     fused = timm.create_model("ride_resnet32_3e", fused_experts=True)
     loop = timm.create_model("ride_resnet32_3e", fused_experts=False)

@@ -78,10 +78,14 @@ def _global_hooks() -> bool:
 def can_fuse(experts: Sequence[nn.Module], training: bool) -> bool:
     """Whether ``fused_expert_stages`` computes what running ``experts`` one by one computes.
 
-    It needs batch norms with a fixed momentum and tracked statistics (the only kind these models build),
-    no hooks (forward or backward) inside the experts nor global module hooks (the fused pass calls no
-    submodule, so hooks would not fire: ``ride_models.flops`` counts MACs with hooks, for example) and, in
-    training, no stochastic depth (its per-expert random draws are not reproduced).
+    It needs plain ``nn.BatchNorm2d`` batch norms with a fixed momentum and tracked statistics (the only
+    kind these models build), no hooks (forward or backward) inside the experts nor global module hooks (the
+    fused pass calls no submodule, so hooks would not fire: ``ride_models.flops`` counts MACs with hooks, for
+    example) and, in training, no stochastic depth (its per-expert random draws are not reproduced).
+    Other batch-norm kinds swapped in after building compute something else in training: timm's
+    ``freeze_batch_norm_2d`` gives ``FrozenBatchNorm2d`` (always the running statistics, never updated) and
+    ``nn.SyncBatchNorm.convert_sync_batchnorm`` gives batch statistics over every process; their own forward
+    must run.
     """
     if _global_hooks():
         return False
@@ -89,8 +93,11 @@ def can_fuse(experts: Sequence[nn.Module], training: bool) -> bool:
         for m in expert.modules():
             if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
                 return False
-            if isinstance(m, nn.BatchNorm2d) and (m.momentum is None or not m.track_running_stats):
-                return False
+            # Any module with running statistics is a batch norm of some kind (FrozenBatchNorm2d is not an
+            # nn.BatchNorm2d, nor is SyncBatchNorm); only the exact nn.BatchNorm2d is what _batch_norm does.
+            if isinstance(m, nn.modules.batchnorm._NormBase) or hasattr(m, "running_mean"):
+                if type(m) is not nn.BatchNorm2d or m.momentum is None or not m.track_running_stats:
+                    return False
             if training and isinstance(m, DropPath) and m.drop_prob > 0:
                 return False
     return True
