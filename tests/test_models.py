@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import timm
@@ -198,9 +200,28 @@ def test_grad_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(dict(model.named_parameters())[k].grad, g, msg=k)
 
 
+@pytest.mark.parametrize("path", ["forward", "forward_intermediates"])
+def test_grad_checkpointing_moves_batch_norm_statistics_once_per_step(path):
+    # The backward pass recomputes each checkpointed block in training mode; its batch norms must not take a
+    # second momentum step (nor count a second batch): the statistics after one step are those of the same
+    # step without checkpointing (timm's checkpoint_seq updated them twice).
+    torch.manual_seed(0)
+    plain = timm.create_model("ride_resnet10_2e", num_classes=5, fused_experts=False).double().train()
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.set_grad_checkpointing(True)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    for model in (plain, checkpointed):
+        out = model(x) if path == "forward" else model.forward_intermediates(x)[0]
+        out.square().mean().backward()
+    expected = plain.state_dict()
+    for key, value in checkpointed.state_dict().items():
+        torch.testing.assert_close(value, expected[key], rtol=1e-12, atol=1e-12, msg=key)
+    assert int(checkpointed.experts[1].layer4[0].bn2.num_batches_tracked) == 1
+
+
 def _count_checkpoints(monkeypatch) -> list:
-    """Record each checkpointed segment: timm's checkpoint_seq (modules) and torch's checkpoint (folded or
-    fused blocks)."""
+    """Record each checkpointed segment: checkpoint_blocks (modules, per stage) and torch's checkpoint (each
+    checkpointed block)."""
     from ride_models.models import ride_resnet
 
     calls = []
@@ -212,7 +233,7 @@ def _count_checkpoints(monkeypatch) -> list:
 
         return wrapper
 
-    monkeypatch.setattr(ride_resnet, "checkpoint_seq", spy(ride_resnet.checkpoint_seq, "seq"))
+    monkeypatch.setattr(ride_resnet, "checkpoint_blocks", spy(ride_resnet.checkpoint_blocks, "seq"))
     monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", spy(torch.utils.checkpoint.checkpoint, "block"))
     return calls
 

@@ -16,8 +16,9 @@ gradient lands in its own parameters). Batch norm's running statistics are updat
 copies and written back to each expert's buffers in the same step.
 """
 
+import contextlib
 import weakref
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,7 @@ from torch import nn
 
 __all__ = [
     "can_fuse",
+    "checkpoint_blocks",
     "folded_blocks",
     "folded_conv_bn",
     "forget_folded_weights",
@@ -253,13 +255,54 @@ def _block(x: torch.Tensor, blocks: Sequence[nn.Module], shared_input: bool) -> 
     return out.add_(_shortcut(x, blocks, shared_input)).relu_()
 
 
+@contextlib.contextmanager
+def _running_statistics_kept(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """Put the running statistics (and step counters) of the batch norms in ``modules`` back as they were
+    on entry. The recomputation of a checkpointed block in the backward pass runs its batch norms in
+    training mode a second time; without this they would take two momentum steps (and count two batches)
+    for one training step, drifting away from the statistics of the same training without checkpointing."""
+    norms = [
+        m
+        for module in modules
+        for m in module.modules()
+        if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats
+    ]
+    kept = [[t.clone() for t in (m.running_mean, m.running_var, m.num_batches_tracked)] for m in norms]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, (mean, var, count) in zip(norms, kept):
+                m.running_mean.copy_(mean), m.running_var.copy_(var), m.num_batches_tracked.copy_(count)
+
+
+def _checkpoint(function, *args, modules: Sequence[nn.Module]) -> torch.Tensor:
+    """``function(*args)`` with its activations recomputed in the backward pass instead of kept; the
+    recomputation leaves the running statistics of the batch norms in ``modules`` as the forward left them."""
+    return torch.utils.checkpoint.checkpoint(
+        function,
+        *args,
+        use_reentrant=False,
+        context_fn=lambda: (contextlib.nullcontext(), _running_statistics_kept(modules)),
+    )
+
+
+def checkpoint_blocks(blocks: Iterable[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    """The modules ``blocks`` in turn, each checkpointed (timm's ``checkpoint_seq``, one segment per block),
+    batch norm's running statistics updated once per training step as without checkpointing (timm's
+    helper updates them again when it recomputes a block)."""
+    for block in blocks:
+        x = _checkpoint(block, x, modules=[block])
+    return x
+
+
 def _run_block(
     x: torch.Tensor, blocks: Sequence[nn.Module], shared_input: bool, checkpoint: bool
 ) -> torch.Tensor:
     """``_block``; with ``checkpoint``, its activations are not kept but recomputed in the backward pass
-    (grad checkpointing, as timm's ``checkpoint_seq`` does for each block of the modules' path)."""
+    (grad checkpointing, as :func:`checkpoint_blocks` does for each block of the modules' path)."""
     if checkpoint:
-        return torch.utils.checkpoint.checkpoint(_block, x, blocks, shared_input, use_reentrant=False)
+        return _checkpoint(_block, x, blocks, shared_input, modules=blocks)
     return _block(x, blocks, shared_input)
 
 

@@ -42,7 +42,6 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, SelectAdaptivePool2d
 from timm.models import (
     build_model_with_cfg,
-    checkpoint_seq,
     generate_default_cfgs,
     get_pretrained_cfg,
     register_model,
@@ -54,6 +53,7 @@ from ride_models.data.transforms import CIFAR_MEAN, CIFAR_STD
 from ride_models.losses import check_target
 from ride_models.models.fused_experts import (
     can_fuse,
+    checkpoint_blocks,
     folded_blocks,
     folded_conv_bn,
     forget_folded_weights,
@@ -314,6 +314,11 @@ def _make_stage(
     return nn.Sequential(*blocks)
 
 
+def _blocks(expert: nn.Module) -> List[nn.Module]:
+    """An expert's blocks in order, over its stages (what its ``forward`` runs)."""
+    return [block for stage in expert.children() for block in stage]
+
+
 def _take_indices(num_levels: int, indices: Optional[Union[int, Sequence[int]]]) -> Tuple[List[int], int]:
     """Feature levels to return: the last ``indices`` if an int, all if None, else those listed."""
     if indices is None:
@@ -528,8 +533,9 @@ class RIDEResNet(nn.Module):
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each block's activations in the backward pass instead of keeping them (timm's
-        ``checkpoint_seq``), in ``forward`` and ``forward_intermediates`` alike. It acts only where autograd
+        """Recompute each block's activations in the backward pass instead of keeping them (as timm's
+        ``checkpoint_seq``, but batch norm's running statistics move once per step, not again in the
+        recomputation), in ``forward`` and ``forward_intermediates`` alike. It acts only where autograd
         records: under ``torch.no_grad`` or inference mode the forward is the one without it (in eval mode,
         batch norm folded), and in eval mode the outputs are the same as without it."""
         self.grad_checkpointing = enable
@@ -674,9 +680,9 @@ class RIDEResNet(nn.Module):
             return self._folded_shared(x)
         x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
         if not torch.jit.is_scripting() and self._checkpointing():
-            x = checkpoint_seq(self.layer1, x)
+            x = checkpoint_blocks(self.layer1, x)
             if self.layer2 is not None:
-                x = checkpoint_seq(self.layer2, x)
+                x = checkpoint_blocks(self.layer2, x)
         else:
             x = self.layer1(x)
             if self.layer2 is not None:
@@ -695,7 +701,7 @@ class RIDEResNet(nn.Module):
         for i, expert in enumerate(self.experts):
             if i < num_experts:
                 if not torch.jit.is_scripting() and self._checkpointing():
-                    maps.append(checkpoint_seq(expert, shared, flatten=True))
+                    maps.append(checkpoint_blocks(_blocks(expert), shared))
                 else:
                     maps.append(expert(shared))
         return torch.cat(maps, dim=1)
@@ -711,7 +717,7 @@ class RIDEResNet(nn.Module):
     def _use_fused(self, x: torch.Tensor) -> bool:
         if isinstance(x, torch.fx.Proxy):  # FX traces the per-expert modules (feature extraction names them)
             return False
-        if self.training and self._checkpointing():  # timm's checkpoint_seq over the experts' modules
+        if self.training and self._checkpointing():  # checkpoint_blocks over the experts' modules
             return False
         enabled = self.fused_experts
         if enabled is None:
@@ -753,9 +759,9 @@ class RIDEResNet(nn.Module):
 
     @torch.jit.unused
     def _module_stage(self, x: torch.Tensor, stage: nn.Module) -> torch.Tensor:
-        """A stage's modules on ``x``, each block checkpointed under grad checkpointing (timm's
-        ``checkpoint_seq``)."""
-        return checkpoint_seq(stage, x) if self._checkpointing() else stage(x)
+        """A stage's modules on ``x``, each block checkpointed under grad checkpointing
+        (``checkpoint_blocks``)."""
+        return checkpoint_blocks(stage, x) if self._checkpointing() else stage(x)
 
     @torch.jit.unused
     def _run_expert(self, i: int, x: torch.Tensor, fold: bool) -> torch.Tensor:
@@ -763,7 +769,7 @@ class RIDEResNet(nn.Module):
         expert = self.experts[i]
         if fold:
             return folded_blocks(x, list(expert.children()), self._checkpointing())
-        return checkpoint_seq(expert, x, flatten=True) if self._checkpointing() else expert(x)
+        return checkpoint_blocks(_blocks(expert), x) if self._checkpointing() else expert(x)
 
     @torch.jit.unused
     def _fused_maps(self, shared: torch.Tensor, num_experts: int) -> torch.Tensor:
