@@ -189,6 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--amp", action="store_true", help="mixed precision (autocast)")
     g.add_argument("--amp-dtype", default="float16", choices=["float16", "bfloat16"])
     g.add_argument("--channels-last", action="store_true")
+    g.add_argument(
+        "--sync-bn",
+        action="store_true",
+        help="distributed runs on GPUs: batch norm's statistics over every process (nn.SyncBatchNorm)",
+    )
     g.add_argument("--torchcompile", nargs="?", const="inductor", default=None, help="torch.compile backend")
     g.add_argument(
         "--cuda-graph",
@@ -329,6 +334,21 @@ def setup_distributed(device: str) -> Dist:
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
     return Dist(rank, world_size, local_rank, dev)
+
+
+def sync_batch_norm(model: nn.Module, d: Dist) -> nn.Module:
+    """``--sync-bn``, as timm's train.py: every batch norm takes its batch statistics over all processes
+    (``nn.SyncBatchNorm``; the state dict keeps its keys). The experts then run one by one in training: the
+    fused pass would compute each process's own statistics."""
+    if d.world_size == 1:
+        _logger.warning("warning: --sync-bn does nothing in a single process; batch norm stays as it is")
+        return model
+    if d.device.type != "cuda":
+        raise ValueError(
+            f"--sync-bn: nn.SyncBatchNorm runs on CUDA devices only, and this run is on {d.device}; "
+            "drop --sync-bn, or run on GPUs"
+        )
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 
 def seed_epoch(seed: int, epoch: int, rank: int = 0) -> None:
@@ -715,6 +735,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     model.to(d.device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
+    if args.sync_bn:
+        model = sync_batch_norm(model, d)
     optimizer = build_optimizer(model, args.lr, args.weight_decay, args.momentum)
     loss_fn = loss_fn.to(d.device)
     ema = timm.utils.ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None

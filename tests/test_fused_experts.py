@@ -325,3 +325,22 @@ def test_eval_mode_gradients_reach_the_weights_and_batch_norms():
             torch.testing.assert_close(p.grad, plain_params[name].grad, rtol=1e-8, atol=1e-10, msg=name)
             checked += "bn" in name or "conv" in name
     assert checked > 100
+
+
+def test_sync_batch_norm_folds_in_eval_mode():
+    # In eval mode SyncBatchNorm normalises with its running statistics, as BatchNorm2d does, so a DDP run's
+    # validation with --sync-bn keeps the folded path; in training its own forward must run.
+    from ride_models.models.fused_experts import can_fuse
+
+    torch.manual_seed(0)
+    model = timm.create_model("ride_resnet32_2e", num_classes=7)
+    with torch.no_grad():
+        model.train()(torch.randn(4, 3, 32, 32))  # non-trivial running statistics
+    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model)).eval()
+    model.eval()
+    assert can_fuse(list(synced.experts), training=False) and not can_fuse(
+        list(synced.experts), training=True
+    )
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(synced(x), model(x))  # the same folded computation, bit for bit

@@ -606,3 +606,21 @@ def test_a_home_relative_data_dir_finds_its_validation_split(tmp_path, monkeypat
     (tmp_path / "images" / "val").mkdir(parents=True)
     args = training.parse_args(["--dataset", "folder", "--data-dir", "~/images"])
     assert training._has_validation(args)
+
+
+def test_sync_bn_converts_on_gpus_and_says_what_it_cannot_do(caplog):
+    model = timm.create_model("ride_resnet32_2e", num_classes=10)
+    keys = list(model.state_dict())
+    with pytest.raises(
+        ValueError, match=r"--sync-bn: nn.SyncBatchNorm runs on CUDA devices only.*drop --sync-bn"
+    ):
+        training.sync_batch_norm(model, training.Dist(world_size=2))  # gloo on the CPU
+    with caplog.at_level("WARNING"):
+        assert training.sync_batch_norm(model, training.Dist()) is model  # one process: nothing to sync
+    assert "--sync-bn does nothing in a single process" in caplog.text
+    # Conversion needs no GPU (running it does): every batch norm becomes a SyncBatchNorm, keys unchanged.
+    synced = training.sync_batch_norm(model, training.Dist(world_size=2, device=torch.device("cuda", 0)))
+    norms = [m for m in synced.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert len(norms) == 1 + 10 + 2 * 20 and all(type(m) is torch.nn.SyncBatchNorm for m in norms)
+    assert list(synced.state_dict()) == keys
+    assert training.build_parser().parse_args(["--sync-bn"]).sync_bn

@@ -87,7 +87,7 @@ def can_fuse(experts: Sequence[nn.Module], training: bool) -> bool:
     Other batch-norm kinds swapped in after building compute something else in training: timm's
     ``freeze_batch_norm_2d`` gives ``FrozenBatchNorm2d`` (always the running statistics, never updated) and
     ``nn.SyncBatchNorm.convert_sync_batchnorm`` gives batch statistics over every process; their own forward
-    must run.
+    must run. In eval mode SyncBatchNorm normalises with its running statistics, as BatchNorm2d, and folds.
     """
     if _global_hooks():
         return False
@@ -98,7 +98,9 @@ def can_fuse(experts: Sequence[nn.Module], training: bool) -> bool:
             # Any module with running statistics is a batch norm of some kind (FrozenBatchNorm2d is not an
             # nn.BatchNorm2d, nor is SyncBatchNorm); only the exact nn.BatchNorm2d is what _batch_norm does.
             if isinstance(m, nn.modules.batchnorm._NormBase) or hasattr(m, "running_mean"):
-                if type(m) is not nn.BatchNorm2d or m.momentum is None or not m.track_running_stats:
+                # In eval mode SyncBatchNorm normalises with its running statistics, as BatchNorm2d does.
+                plain = type(m) is nn.BatchNorm2d or (not training and type(m) is nn.SyncBatchNorm)
+                if not plain or m.momentum is None or not m.track_running_stats:
                     return False
             if training and isinstance(m, DropPath) and m.drop_prob > 0:
                 return False
