@@ -949,7 +949,7 @@ class RIDEResNet(nn.Module):
             intermediates.append(x)
         x = self.maxpool(x)
         level = 0
-        shared_stages = [self.layer1] if self.layer2 is None else [self.layer1, self.layer2]
+        shared_stages = self._shared_stages()
         for stage in shared_stages:
             level += 1
             if stop_early and level > max_index:
