@@ -115,6 +115,39 @@ def test_routed_inference_on_cuda_equals_the_cpu(name, size):
             assert 1 < expected.num_experts.float().mean() < model.num_experts  # the cascade did branch
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("name, size", [("ride_resnet32_4e", 32), ("ride_resnet50_3e", 64)])
+def test_cudnn_epilogue_equals_the_step_by_step_folding(name, size, channels_last, precision, monkeypatch):
+    """Folded blocks with bias, ReLU and shortcut add in cuDNN's epilogue: taken on CUDA (cuDNN declines
+    none of these configurations), and the outputs of the step-by-step folded computation."""
+    from ride_models.models import fused_experts as fe
+
+    calls = []
+    for op in ("cudnn_convolution_relu", "cudnn_convolution_add_relu"):
+        original = getattr(torch, op)
+        monkeypatch.setattr(torch, op, lambda *a, _op=original, **k: calls.append(1) or _op(*a, **k))
+    model = _model(name).cuda()
+    x = torch.randn(8, 3, size, size, device="cuda")
+    if channels_last:
+        model, x = model.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+    bf16 = precision == "bf16"
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+        for fused in (True, False):
+            model.set_fused_experts(fused)
+            with fe.cudnn_epilogue(False):
+                expected = model(x).float()
+            calls.clear()
+            out = model(x).float()
+            what = f"{name} fused={fused} channels_last={channels_last} {precision}"
+            assert calls, f"{what}: the epilogue was not used"
+            scale = expected.abs().max().item()
+            err = (out - expected).abs().max().item()
+            limit = (3e-2 if bf16 else 1e-4) * max(scale, 1.0)
+            assert err <= limit, f"{what}: deviation {err:.3g} (largest value {scale:.3g})"
+    assert not fe._EPILOGUE_DECLINED, f"cuDNN declined {sorted(map(str, fe._EPILOGUE_DECLINED))}"
+
+
 @pytest.mark.parametrize("fused", [True, False])
 def test_grad_checkpointing_on_cuda_changes_neither_gradients_nor_running_stats(fused):
     model = _model("ride_resnet32_4e").cuda().train()

@@ -5,8 +5,10 @@ import copy
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 
 import ride_models  # noqa: F401
+from ride_models.models import fused_experts as fe
 
 FAMILIES = {
     "ride_resnet32_4e": (3, 32, 32),
@@ -344,3 +346,92 @@ def test_sync_batch_norm_folds_in_eval_mode():
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(synced(x), model(x))  # the same folded computation, bit for bit
+
+
+@pytest.mark.parametrize("fused", [None, True, False])
+def test_fold_bn_false_folds_nothing(fused, monkeypatch):
+    """fold_bn=False is the modules' own computation everywhere, in the fused experts' pass too (it used to
+    fold there regardless)."""
+    _, plain = _fold_pair("ride_resnet32_4e", fused, torch.float32)
+
+    def no_folding(*args):
+        raise AssertionError("fold_bn=False, yet a batch norm was folded")
+
+    monkeypatch.setattr(fe, "_folded_weights", no_folding)
+    with torch.no_grad():
+        plain(torch.randn(2, 3, 32, 32))
+        plain.route(torch.randn(2, 3, 32, 32))
+
+
+def _fake_cudnn_epilogue(monkeypatch, decline: bool = False) -> list:
+    """cuDNN's fused operators as their step-by-step definition, taken as available on the CPU: the library's
+    wiring of weights, bias, geometry and shortcut into them is then checked without a GPU. With
+    ``decline``, they raise as cuDNN does for a configuration it has no engine for."""
+    calls = []
+
+    def conv_relu(x, weight, bias, stride, padding, dilation, groups):
+        calls.append("conv+bias+relu")
+        if decline:
+            raise RuntimeError("cuDNN error: CUDNN_STATUS_NOT_SUPPORTED")
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups).relu_()
+
+    def conv_add_relu(x, weight, z, alpha, bias, stride, padding, dilation, groups):
+        calls.append("conv+bias+add+relu")
+        if decline:
+            raise RuntimeError("cuDNN error: CUDNN_STATUS_NOT_SUPPORTED")
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups).add_(z, alpha=alpha).relu_()
+
+    monkeypatch.setattr(torch, "cudnn_convolution_relu", conv_relu)
+    monkeypatch.setattr(torch, "cudnn_convolution_add_relu", conv_add_relu)
+    monkeypatch.setattr(fe, "_on_cudnn", lambda x: True)
+    monkeypatch.setattr(fe, "_EPILOGUE_DTYPES", (torch.float64,))
+    monkeypatch.setattr(fe, "_EPILOGUE_DECLINED", set())
+    return calls
+
+
+@pytest.mark.parametrize("fused", [None, True, False])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_cudnn_epilogue_computes_the_folded_blocks(name, fused, monkeypatch):
+    """Bias, ReLU and the shortcut's add in the convolution's epilogue: the outputs of the step-by-step
+    folded computation (float64, up to rounding), routed inference included."""
+    folded, _ = _fold_pair(name, fused)
+    x = torch.randn(6, *FAMILIES[name], dtype=torch.float64)
+    close = dict(rtol=1e-10, atol=1e-10)
+    with torch.no_grad():
+        expected, expected_routed = folded(x), folded.route(x, threshold=0.5)
+        calls = _fake_cudnn_epilogue(monkeypatch)
+        out, routed = folded(x), folded.route(x, threshold=0.5)
+    assert {"conv+bias+relu", "conv+bias+add+relu"} <= set(calls)
+    torch.testing.assert_close(out, expected, **close)
+    torch.testing.assert_close(routed.logits, expected_routed.logits, **close)
+    assert torch.equal(routed.num_experts, expected_routed.num_experts)
+    calls.clear()
+    with torch.no_grad(), fe.cudnn_epilogue(False):
+        torch.testing.assert_close(folded(x), expected, **close)
+    assert calls == []
+
+
+def test_a_configuration_cudnn_declines_runs_step_by_step_from_then_on(monkeypatch):
+    folded, _ = _fold_pair("ride_resnet50_2e", False)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        expected = folded(x)
+        calls = _fake_cudnn_epilogue(monkeypatch, decline=True)
+        torch.testing.assert_close(folded(x), expected, rtol=0, atol=0)
+        assert len(calls) == len(fe._EPILOGUE_DECLINED) > 0  # each configuration tried once
+        calls.clear()
+        torch.testing.assert_close(folded(x), expected, rtol=0, atol=0)
+    assert calls == []
+
+
+def test_the_epilogue_applies_only_on_cuda_without_autograd():
+    x, w = torch.randn(1, 3, 4, 4), torch.randn(2, 3, 1, 1, requires_grad=True)
+    assert fe._epilogue_dtype(x, [w.detach()]) is None  # not CUDA
+    if torch.cuda.is_available():
+        assert fe._epilogue_dtype(x.cuda(), [w.detach().cuda()]) == torch.float32
+        assert fe._epilogue_dtype(x.cuda(), [w.cuda()]) is None  # autograd records: no backward for it
+        with torch.no_grad():
+            assert fe._epilogue_dtype(x.cuda(), [w.cuda()]) == torch.float32
+            assert fe._epilogue_dtype(x.cuda().double(), [w.cuda().double()]) is None
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                assert fe._epilogue_dtype(x.cuda(), [w.cuda()]) == torch.bfloat16

@@ -26,9 +26,12 @@ import torch.utils.checkpoint
 from timm.layers import DropPath
 from torch import nn
 
+from ride_models._compat import is_exporting
+
 __all__ = [
     "can_fuse",
     "checkpoint_blocks",
+    "cudnn_epilogue",
     "folded_blocks",
     "folded_conv_bn",
     "forget_folded_weights",
@@ -217,23 +220,141 @@ def _batch_norm(x: torch.Tensor, bns: Sequence[nn.BatchNorm2d]) -> torch.Tensor:
 
 
 def _conv_bn(
-    x: torch.Tensor, convs: Sequence[nn.Conv2d], bns: Sequence[nn.BatchNorm2d], shared_input: bool
+    x: torch.Tensor,
+    convs: Sequence[nn.Conv2d],
+    bns: Sequence[nn.BatchNorm2d],
+    shared_input: bool,
+    fold: bool = True,
 ) -> torch.Tensor:
-    """Convolution then batch norm, per expert. In eval mode the batch norm is folded into the stacked
-    weights (w * gamma / sqrt(var + eps), bias beta - mean * gamma / sqrt(var + eps)): one pass over the
-    maps instead of two, equal to the two-step computation up to float rounding."""
-    if bns[0].training:
+    """Convolution then batch norm, per expert. In eval mode with ``fold``, the batch norm is folded into
+    the stacked weights (w * gamma / sqrt(var + eps), bias beta - mean * gamma / sqrt(var + eps)): one pass
+    over the maps instead of two, equal to the two-step computation up to float rounding."""
+    if bns[0].training or not fold:
         return _batch_norm(_conv(x, convs, shared_input), bns)
     return _conv(x, convs, shared_input, _folded_weights(convs, bns))
 
 
-def _shortcut(x: torch.Tensor, blocks: Sequence[nn.Module], shared_input: bool) -> torch.Tensor:
+# cuDNN's fused epilogue: on or off (cudnn_epilogue), and the configurations cuDNN declined.
+_EPILOGUE = {"enabled": True}
+_EPILOGUE_DECLINED: set = set()
+_EPILOGUE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@contextlib.contextmanager
+def cudnn_epilogue(enabled: bool) -> Iterator[None]:
+    """Within the block, run folded convolutions with (``True``, the default) or without cuDNN's fused
+    epilogue (see :func:`_conv_epilogue`); for measuring what it gives (``benchmarks/throughput.py``)."""
+    saved = _EPILOGUE["enabled"]
+    _EPILOGUE["enabled"] = bool(enabled)
+    try:
+        yield
+    finally:
+        _EPILOGUE["enabled"] = saved
+
+
+def _epilogue_dtype(x: torch.Tensor, tensors: Sequence[torch.Tensor]) -> Optional[torch.dtype]:
+    """The dtype the fused epilogue computes in on ``x``, or None where it does not apply: off the GPU or
+    cuDNN, when autograd records (the fused operators have no backward), when compiling or exporting
+    (the compiler fuses on its own; export traces the plain operators), during CUDA-graph capture, and for
+    dtypes other than float32, float16 and bfloat16 (or weights of another dtype than the input without
+    autocast, which the plain path reports)."""
+    if not (_EPILOGUE["enabled"] and _on_cudnn(x)):
+        return None
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *tensors)):
+        return None
+    if torch.compiler.is_compiling() or is_exporting():
+        return None
+    if torch.is_autocast_enabled("cuda"):
+        dtype = torch.get_autocast_dtype("cuda")
+    elif any(t.dtype != x.dtype for t in tensors):
+        return None
+    else:
+        dtype = x.dtype
+    return dtype if dtype in _EPILOGUE_DTYPES else None
+
+
+def _on_cudnn(x: torch.Tensor) -> bool:
+    """Whether ``x`` is on a CUDA device with cuDNN on (not ROCm's MIOpen), outside CUDA-graph capture."""
+    if not (x.is_cuda and torch.backends.cudnn.enabled and torch.version.hip is None):
+        return False
+    return not torch.cuda.is_current_stream_capturing()
+
+
+def _conv_epilogue(
+    x: torch.Tensor,
+    convs: Sequence[nn.Conv2d],
+    shared_input: bool,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    z: Optional[torch.Tensor] = None,
+) -> Optional[torch.Tensor]:
+    """``relu(conv(x) + bias)``, or ``relu(conv(x) + bias + z)``, in one cuDNN kernel; None where that does
+    not apply (:func:`_epilogue_dtype`) or cuDNN declines the configuration, and the caller computes it
+    step by step.
+
+    With batch norm folded, the convolution is followed by a per-channel bias, usually a ReLU and, at the
+    end of a block, the shortcut's add: each a pass over the whole map, and the bias add on channels-last
+    maps is a slow broadcast. On an H200 (batch 256, bf16, channels-last) cuDNN applies all of them in the
+    convolution's epilogue for next to nothing: 0.15 ms against 0.90 ms for a 1x1 64 -> 256 convolution at
+    56 x 56 with its bias and ReLU (``benchmarks/conv_epilogue.py``). The result differs from the
+    step-by-step one by rounding only (the epilogue adds in float32 before the one rounding to bf16).
+    """
+    tensors = [weight, bias] if z is None else [weight, bias, z]
+    dtype = _epilogue_dtype(x, tensors)
+    first = convs[0]
+    if dtype is None or isinstance(first.padding, str) or first.padding_mode != "zeros":
+        return None
+    groups = first.groups if shared_input else first.groups * len(convs)
+    # The output is channels-last when the input or the weight is (cuDNN's suggested layout).
+    channels_last = any(
+        t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous() for t in (x, weight)
+    )
+    geometry = (first.stride, first.padding, first.dilation, groups)
+    key = (x.device, dtype, channels_last, tuple(weight.shape), geometry, z is None)
+    if key in _EPILOGUE_DECLINED:
+        return None
+    x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype)
+    try:
+        if z is None:
+            return torch.cudnn_convolution_relu(x, weight, bias, *geometry)
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        z = z.to(dtype).contiguous(memory_format=layout)  # the shortcut in the output's layout
+        return torch.cudnn_convolution_add_relu(x, weight, z, 1.0, bias, *geometry)
+    except RuntimeError:  # no cuDNN engine for this configuration: the step-by-step path, from now on
+        _EPILOGUE_DECLINED.add(key)
+        return None
+
+
+def _conv_bn_relu(
+    x: torch.Tensor,
+    convs: Sequence[nn.Conv2d],
+    bns: Sequence[nn.BatchNorm2d],
+    shared_input: bool,
+    fold: bool,
+    z: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``relu(bn(conv(x)))``, or ``relu(bn(conv(x)) + z)``, per expert; folded in eval mode with ``fold``,
+    in cuDNN's fused epilogue where it applies."""
+    if not bns[0].training and fold:
+        weight, bias = _folded_weights(convs, bns)
+        out = _conv_epilogue(x, convs, shared_input, weight, bias, z)
+        if out is not None:
+            return out
+        out = _conv(x, convs, shared_input, (weight, bias))
+    else:
+        out = _batch_norm(_conv(x, convs, shared_input), bns)
+    # In place: on batch norm's output, which its backward does not need.
+    return F.relu(out, inplace=True) if z is None else out.add_(z).relu_()
+
+
+def _shortcut(x: torch.Tensor, blocks: Sequence[nn.Module], shared_input: bool, fold: bool) -> torch.Tensor:
     downsample = blocks[0].downsample
     num_experts = len(blocks)
     if downsample is None:
         return x.repeat(1, num_experts, 1, 1) if shared_input else x
     if isinstance(downsample, nn.Sequential):  # 1x1 convolution and batch norm (option B)
-        return _conv_bn(x, [b.downsample[0] for b in blocks], [b.downsample[1] for b in blocks], shared_input)
+        convs, bns = [b.downsample[0] for b in blocks], [b.downsample[1] for b in blocks]
+        return _conv_bn(x, convs, bns, shared_input, fold)
     # Option A: subsample, then zero-pad each expert's channel block on both sides.
     stride, pad = downsample.stride, downsample.pad
     if stride != 1:
@@ -246,17 +367,19 @@ def _shortcut(x: torch.Tensor, blocks: Sequence[nn.Module], shared_input: bool) 
     return x.flatten(1, 2)
 
 
-def _block(x: torch.Tensor, blocks: Sequence[nn.Module], shared_input: bool) -> torch.Tensor:
-    """One block of every expert: ``BasicBlock`` (conv1, conv2) or ``Bottleneck`` (conv1, conv2, conv3)."""
+def _block(
+    x: torch.Tensor, blocks: Sequence[nn.Module], shared_input: bool, fold: bool = True
+) -> torch.Tensor:
+    """One block of every expert: ``BasicBlock`` (conv1, conv2) or ``Bottleneck`` (conv1, conv2, conv3);
+    in eval mode with batch norm folded into the convolutions (``fold``)."""
     first = blocks[0]
     names = ["conv1", "conv2", "conv3"] if hasattr(first, "conv3") else ["conv1", "conv2"]
     out = x
-    for i, name in enumerate(names):
+    for i, name in enumerate(names[:-1]):
         convs, bns = [getattr(b, name) for b in blocks], [getattr(b, f"bn{i + 1}") for b in blocks]
-        out = _conv_bn(out, convs, bns, shared_input and i == 0)
-        if i < len(names) - 1:
-            out = F.relu(out, inplace=True)  # on batch norm's output, which its backward does not need
-    return out.add_(_shortcut(x, blocks, shared_input)).relu_()
+        out = _conv_bn_relu(out, convs, bns, shared_input and i == 0, fold)
+    convs, bns = [getattr(b, names[-1]) for b in blocks], [getattr(b, f"bn{len(names)}") for b in blocks]
+    return _conv_bn_relu(out, convs, bns, False, fold, z=_shortcut(x, blocks, shared_input, fold))
 
 
 @contextlib.contextmanager
@@ -301,13 +424,13 @@ def checkpoint_blocks(blocks: Iterable[nn.Module], x: torch.Tensor) -> torch.Ten
 
 
 def _run_block(
-    x: torch.Tensor, blocks: Sequence[nn.Module], shared_input: bool, checkpoint: bool
+    x: torch.Tensor, blocks: Sequence[nn.Module], shared_input: bool, checkpoint: bool, fold: bool = True
 ) -> torch.Tensor:
     """``_block``; with ``checkpoint``, its activations are not kept but recomputed in the backward pass
     (grad checkpointing, as :func:`checkpoint_blocks` does for each block of the modules' path)."""
     if checkpoint:
-        return _checkpoint(_block, x, blocks, shared_input, modules=blocks)
-    return _block(x, blocks, shared_input)
+        return _checkpoint(_block, x, blocks, shared_input, fold, modules=blocks)
+    return _block(x, blocks, shared_input, fold)
 
 
 def fused_expert_stages(
@@ -316,6 +439,7 @@ def fused_expert_stages(
     stage_names: Optional[Sequence[str]] = None,
     shared_input: bool = True,
     checkpoint: bool = False,
+    fold: bool = True,
 ) -> torch.Tensor:
     """Every expert's stages in one pass.
 
@@ -326,6 +450,7 @@ def fused_expert_stages(
         stage_names: the stages to run, in order (default: all of them).
         shared_input: whether ``x`` is the one input of every expert.
         checkpoint: recompute each block's activations in the backward pass instead of keeping them.
+        fold: in eval mode, fold each batch norm into the convolution before it (the model's ``fold_bn``).
 
     Returns:
         ``[B, E * D, h, w]``: expert e's map in channels ``[e * D, (e + 1) * D)``.
@@ -334,7 +459,7 @@ def fused_expert_stages(
     for name in names:
         stages = [getattr(expert, name) for expert in experts]
         for j in range(len(stages[0])):
-            x = _run_block(x, [stage[j] for stage in stages], shared_input, checkpoint)
+            x = _run_block(x, [stage[j] for stage in stages], shared_input, checkpoint, fold)
             shared_input = False
     if shared_input:  # no block ran (pruned stages): every expert passes the shared map on unchanged
         x = x.repeat(1, len(experts), 1, 1)
@@ -350,8 +475,9 @@ def folded_blocks(x: torch.Tensor, stages: Sequence[nn.Module], checkpoint: bool
     """The blocks of ``stages`` (``nn.Sequential`` s of ``BasicBlock`` / ``Bottleneck``) on one path.
 
     The computation of the blocks' own ``forward``, with every convolution and its batch norm as
-    :func:`folded_conv_bn`: in eval mode, one pass over the maps instead of two. The caller checks that
-    the blocks can run this way (:func:`can_fuse`: no hooks inside, standard batch norms). With
+    :func:`folded_conv_bn`: in eval mode, one pass over the maps instead of two (on CUDA, with the bias,
+    ReLU and shortcut add in cuDNN's epilogue where it applies: :func:`_conv_epilogue`). The caller checks
+    that the blocks can run this way (:func:`can_fuse`: no hooks inside, standard batch norms). With
     ``checkpoint``, each block's activations are recomputed in the backward pass instead of kept.
     """
     for stage in stages:

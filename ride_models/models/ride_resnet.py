@@ -773,11 +773,14 @@ class RIDEResNet(nn.Module):
 
     @torch.jit.unused
     def _fused_maps(self, shared: torch.Tensor, num_experts: int) -> torch.Tensor:
-        return fused_expert_stages(shared, list(self.experts)[:num_experts], checkpoint=self._checkpointing())
+        experts = list(self.experts)[:num_experts]
+        return fused_expert_stages(shared, experts, checkpoint=self._checkpointing(), fold=self.fold_bn)
 
     @torch.jit.unused
     def _fused_stage(self, x: torch.Tensor, name: str, shared_input: bool) -> torch.Tensor:
-        return fused_expert_stages(x, list(self.experts), [name], shared_input, self._checkpointing())
+        return fused_expert_stages(
+            x, list(self.experts), [name], shared_input, self._checkpointing(), fold=self.fold_bn
+        )
 
     def _classify(self, pooled: List[torch.Tensor]) -> torch.Tensor:
         """Expert logits ``[B, k, C]`` from the pooled features ``[B, D]`` of the first k experts."""
