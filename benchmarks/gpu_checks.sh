@@ -6,11 +6,13 @@
 #
 #   OUT=gpu_out DATA=../shared/data/cifar10 OFFICIAL=/path/to/RIDE-LongTailRecognition bash benchmarks/gpu_checks.sh
 #
-# PARTS picks the parts and their order (default: all but r50_compile and the two speed-run experiments,
-# about 17 minutes on an H200 with every limit reached). A session's device time (15 minutes, start-up
-# included) does not cover them all; by what they can decide: PARTS="tests r32 r50" (the code paths never
-# run on a GPU, and the throughput targets), then PARTS="r50_compile speedrun_fp32" (the one lever left for
-# the ResNet-50 targets; what bf16 costs the speed run), then "speedrun_lr05 speedrun_seed1 train".
+# PARTS picks the parts and their order (default: all but r50_profile, epilogue, r50_compile and the two
+# speed-run experiments, about 17 minutes on an H200 with every limit reached). A session's device time (15
+# minutes, start-up included; a start took about 90 s) does not cover them all. Measured on an H200: tests
+# about 80 s, r32 and r50 about 60 s each, r50_profile 40 s, epilogue 30 s, a speed run 165 s. By what they
+# can decide: PARTS="tests epilogue r50 r50_profile r32 speedrun_fp32" in one call (the code paths never
+# run on a GPU, cuDNN's fused epilogue, the throughput targets, what bf16 costs the speed run), then
+# "speedrun_seed1" or "r50_compile" with what is left.
 #   tests           the CUDA tests: CUDA-graph training steps and routed inference against eager runs,
 #                   the device-resident loader, inference (folded or not, fused or not, routed) and grad
 #                   checkpointing against the CPU, train.py with fp16 autocast resumed, validate.py on CUDA
@@ -26,11 +28,16 @@
 #   speedrun_wide   the same with full-width experts (reduce_dimension=False, more MACs); not in the default
 #                   list
 #   r32             throughput of ride_resnet32_4e (CUDA graphs for training and routed inference, the
-#                   official code as shipped, inference also with batch norm not folded)
-#   r50             throughput of ride_resnet50_3e and timm's resnet50 (routed inference also from bucketed
-#                   CUDA graphs, inference also with batch norm not folded), with a profile of every case;
-#                   channels-last in fp32 too (the official code also as shipped, fp32 NCHW: the equal-
-#                   precision target compares our fastest fp32 with it)
+#                   official code as shipped, inference also with batch norm not folded and without cuDNN's
+#                   fused epilogue); about 60 s
+#   r50             throughput of ride_resnet50_3e and timm's resnet50 (inference also with batch norm not
+#                   folded, and folded without cuDNN's fused epilogue); channels-last in fp32 too (the
+#                   official code also as shipped, fp32 NCHW: the equal-precision target compares our
+#                   fastest fp32 with it); about 60 s on an H200
+#   r50_profile     ride_resnet50_3e inference and routed inference, bf16, the same variants and CUDA-graph
+#                   routing, with a profile of every case (where the time goes); about 40 s
+#   epilogue        benchmarks/conv_epilogue.py: bias, ReLU and residual add after a convolution, separately
+#                   or in cuDNN's fused epilogue; about 30 s
 #   r50_compile     ride_resnet50_3e under torch.compile, bf16: training, all-experts and routed inference,
 #                   beside the official code (eager: it has no such option) and timm's resnet50 (compiled
 #                   too); not in the default list: minutes of compilation
@@ -75,20 +82,29 @@ for part in $PARTS; do
     speedrun_wide) speedrun speedrun_wide --lr 0.05 --full-width --eval-every 20 --log-every 2 ;;
     r32)
         timeout "${THROUGHPUT_S:-200}" python3 benchmarks/throughput.py --device cuda "${official_args[@]}" \
-            --models ride_resnet32_4e --fused-both --cuda-graph --unfolded --precision fp32 bf16 --seconds 0.3 \
-            --repeats 3 --warmup 2 --json "$OUT/throughput_r32.json" 2>&1 | tee "$OUT/throughput_r32.txt"
+            --models ride_resnet32_4e --fused-both --cuda-graph --unfolded --plain-epilogue --precision fp32 bf16 \
+            --seconds 0.3 --repeats 3 --warmup 2 --json "$OUT/throughput_r32.json" 2>&1 | tee "$OUT/throughput_r32.txt"
         ;;
     r50)
         timeout "${THROUGHPUT_S:-200}" python3 benchmarks/throughput.py --device cuda "${official_args[@]}" \
-            --models ride_resnet50_3e --cuda-graph --unfolded --precision fp32 bf16 --channels-last --seconds 0.3 \
-            --repeats 3 --warmup 2 \
-            --profile 3 --json "$OUT/throughput_r50.json" 2>&1 | tee "$OUT/throughput_r50.txt"
+            --models ride_resnet50_3e --unfolded --plain-epilogue --precision fp32 bf16 --channels-last \
+            --seconds 0.2 --repeats 2 --warmup 1 --json "$OUT/throughput_r50.json" 2>&1 | tee "$OUT/throughput_r50.txt"
+        ;;
+    r50_profile)
+        timeout "${THROUGHPUT_S:-200}" python3 benchmarks/throughput.py --device cuda "${official_args[@]}" \
+            --models ride_resnet50_3e --modes infer routed --precision bf16 --channels-last --unfolded \
+            --plain-epilogue --cuda-graph --profile 3 --seconds 0.2 --repeats 2 --warmup 1 \
+            --json "$OUT/throughput_r50_profile.json" 2>&1 | tee "$OUT/throughput_r50_profile.txt" \
+            | grep -E '^\| (ours|official|timm)|Error|error'
+        ;;
+    epilogue)
+        timeout "${EPILOGUE_S:-60}" python3 benchmarks/conv_epilogue.py 2>&1 | tee "$OUT/conv_epilogue.txt"
         ;;
     r50_compile)
         timeout "${COMPILE_S:-400}" python3 benchmarks/throughput.py --device cuda "${official_args[@]}" \
             --models ride_resnet50_3e --modes train infer routed --precision bf16 --compile --seconds 0.3 \
             --repeats 3 --warmup 2 --json "$OUT/throughput_r50_compile.json" 2>&1 | tee "$OUT/throughput_r50_compile.txt"
         ;;
-    *) echo "unknown part $part (parts: tests train speedrun speedrun_seed1 speedrun_fp32 speedrun_lr05 speedrun_wide r32 r50 r50_compile)" ;;
+    *) echo "unknown part $part (parts: tests train speedrun speedrun_seed1 speedrun_fp32 speedrun_lr05 speedrun_wide r32 r50 r50_profile epilogue r50_compile)" ;;
     esac
 done

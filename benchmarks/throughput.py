@@ -101,6 +101,7 @@ from ride_models.cuda_graph import GraphedRouting, GraphedTrainStep
 from ride_models.data.sampling import long_tail_counts
 from ride_models.engine import make_step
 from ride_models.flops import count_macs
+from ride_models.models.fused_experts import cudnn_epilogue
 from ride_models.training import build_loss, build_optimizer, check_device, parse_args, resolve_defaults
 
 # The paper's MACs per image with the router and the official counter's all-experts MACs (anchors README).
@@ -122,8 +123,9 @@ OFFICIAL = {
 BASELINE = "resnet50"
 ROW_KEYS = (
     "label", "impl", "model", "family", "num_experts", "mode", "routing", "route_shares", "batch",
-    "precision", "channels_last", "compiled", "fused", "fold_bn", "cuda_graph", "images_per_s", "ms_per_iter",
-    "images_per_s_rounds", "iters_per_round", "macs_per_image", "experts_per_image", "realized_shares",
+    "precision", "channels_last", "compiled", "fused", "fold_bn", "cudnn_epilogue", "cuda_graph",
+    "images_per_s", "ms_per_iter", "images_per_s_rounds", "iters_per_round", "macs_per_image",
+    "experts_per_image", "realized_shares",
     "profile", "ratio_vs_official", "ratio_vs_official_shipped", "ratio_vs_all_experts", "ratio_vs_resnet50",
     "device",
 )  # fmt: skip
@@ -193,6 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="our inference and routed rows: also a row with batch norm not folded into the convolutions "
         "(fold_bn=False: the modules' own computation), to show what folding gives",
+    )
+    p.add_argument(
+        "--plain-epilogue",
+        action="store_true",
+        help="our inference and routed rows on CUDA: also a row with batch norm folded but its bias, the "
+        "ReLU and the shortcut's add run as separate operators instead of in cuDNN's fused epilogue",
     )
     p.add_argument(
         "--cuda-graph",
@@ -492,6 +500,7 @@ class Case:
     compiled: bool = False
     fused: Optional[bool] = None
     fold_bn: Optional[bool] = None  # our inference: batch norm folded into the convolutions
+    cudnn_epilogue: Optional[bool] = None  # our folded inference on CUDA: bias, ReLU, add in cuDNN's epilogue
     cuda_graph: bool = False
     routing: str = ""
     route_shares: Optional[List[float]] = None
@@ -658,9 +667,16 @@ class Bench:
 
         return step
 
+    def _epilogue(self, fold_bn: bool, epilogue: bool, cuda_graph: bool = False) -> Optional[bool]:
+        """Whether folded convolutions run with cuDNN's fused epilogue (None: not applicable, off CUDA or not
+        folded). Not during CUDA-graph capture, so not in replayed graphs."""
+        if self.device.type != "cuda" or not fold_bn:
+            return None
+        return epilogue and not cuda_graph
+
     def infer_ours(
         self, spec: ModelSpec, precision: str, channels_last: bool, fused: Optional[bool] = None,
-        fold_bn: bool = True,
+        fold_bn: bool = True, epilogue: bool = True,
     ) -> Case:  # fmt: skip
         model = self.place(create_ours(spec, fused, fold_bn), channels_last).eval()
         model.set_routing("all")
@@ -668,8 +684,9 @@ class Bench:
         x, _ = self.inputs(spec, self.batch_size(spec, "infer"), channels_last)
         return self.case(
             f"ours {spec.name}", "ours", spec, "infer", precision, channels_last,
-            self._infer_step(module, x, precision), compiled=self.args.compile, fused=fused_state(model),
-            fold_bn=fold_bn, routing="all", macs_per_image=float(self.breakdown(spec).all_experts),
+            _with_epilogue(self._infer_step(module, x, precision), epilogue), compiled=self.args.compile,
+            fused=fused_state(model), fold_bn=fold_bn, cudnn_epilogue=self._epilogue(fold_bn, epilogue),
+            routing="all", macs_per_image=float(self.breakdown(spec).all_experts),
             experts_per_image=float(spec.num_experts),
         )  # fmt: skip
 
@@ -701,6 +718,7 @@ class Bench:
         channels_last: bool,
         cuda_graph: bool = False,
         fold_bn: bool = True,
+        epilogue: bool = True,
     ) -> Case:
         model = self.place(create_ours(spec, self.args.fused, fold_bn), channels_last).eval()
         x, _ = self.inputs(spec, self.batch_size(spec, "infer"), channels_last)
@@ -730,11 +748,12 @@ class Bench:
             # Symbolic batch sizes: the graphs after each routing decision serve any number of samples,
             # not only the counts this fixed input happens to send on.
             module = torch.compile(model, dynamic=True) if self.args.compile else model
-            step = self._infer_step(module, x, precision)
+            step = _with_epilogue(self._infer_step(module, x, precision), epilogue)
         case = self._routed_case(f"ours {spec.name}", "ours", spec, shares, precision, channels_last,
                                  step, num_experts)  # fmt: skip
         case.fused = fused_state(model)
         case.fold_bn = fold_bn
+        case.cudnn_epilogue = self._epilogue(fold_bn, epilogue, cuda_graph)
         case.compiled = self.args.compile and not cuda_graph  # the graphs replay the eager modules
         case.cuda_graph = cuda_graph
         return case
@@ -798,6 +817,10 @@ def build_cases(args: argparse.Namespace, bench: Bench, precisions: List[str]) -
                             cases.append(
                                 bench.infer_ours(spec, precision, channels_last, fused, fold_bn=False)
                             )
+                        if mode == "infer" and args.plain_epilogue and bench.device.type == "cuda":
+                            cases.append(
+                                bench.infer_ours(spec, precision, channels_last, fused, epilogue=False)
+                            )
                         # CUDA graphs pay where launches dominate (CIFAR models); a graph also keeps its
                         # activations in a pool of its own, tens of GB for an ImageNet model at batch 256.
                         if mode == "train" and args.cuda_graph and spec.cifar:
@@ -830,6 +853,8 @@ def build_cases(args: argparse.Namespace, bench: Bench, precisions: List[str]) -
                 cases.append(bench.routed_ours(spec, shares, precision, channels_last))
                 if args.unfolded:
                     cases.append(bench.routed_ours(spec, shares, precision, channels_last, fold_bn=False))
+                if args.plain_epilogue and bench.device.type == "cuda":
+                    cases.append(bench.routed_ours(spec, shares, precision, channels_last, epilogue=False))
                 if args.cuda_graph:
                     cases.append(bench.routed_ours(spec, shares, precision, channels_last, cuda_graph=True))
                 if bench.official is not None:
@@ -907,6 +932,18 @@ def profile_table(row: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _with_epilogue(step: Callable[[], Any], epilogue: bool) -> Callable[[], Any]:
+    """``step``, with cuDNN's fused epilogue for folded convolutions turned off unless ``epilogue``."""
+    if epilogue:
+        return step
+
+    def plain() -> Any:
+        with cudnn_epilogue(False):
+            return step()
+
+    return plain
+
+
 # -------------------------------------------------------------------------------------------- reporting
 def _row(case: Case, device: torch.device) -> Dict[str, Any]:
     ips = statistics.median(case.rounds) if case.rounds else float("nan")
@@ -925,6 +962,7 @@ def _row(case: Case, device: torch.device) -> Dict[str, Any]:
         compiled=case.compiled,
         fused=case.fused,
         fold_bn=case.fold_bn,
+        cudnn_epilogue=case.cudnn_epilogue,
         cuda_graph=case.cuda_graph,
         images_per_s=ips,
         ms_per_iter=1000.0 * case.batch / ips if ips else float("nan"),
@@ -950,7 +988,9 @@ def add_ratios(rows: List[Dict[str, Any]], baseline: str) -> None:
 
     def group(row: Dict[str, Any], impl: str) -> str:
         # Our rows also by fold_bn and fused: a routed row is compared with all experts computed the same way.
-        return f"ours, fold_bn {row['fold_bn']}, fused {row['fused']}" if impl == "ours" else impl
+        if impl != "ours":
+            return impl
+        return f"ours, fold_bn {row['fold_bn']}, epilogue {row.get('cudnn_epilogue')}, fused {row['fused']}"
 
     by_impl: Dict[str, Dict[tuple, Dict[str, Any]]] = {}
     for row in rows:
@@ -990,6 +1030,7 @@ def row_label(r: Dict[str, Any]) -> str:
     notes = ["compiled"] if r["compiled"] else []
     notes += [FUSED[r["fused"]]] if r["impl"] == "ours" else []
     notes += ["BN not folded"] if r["fold_bn"] is False else []
+    notes += ["epilogue not fused"] if r.get("cudnn_epilogue") is False else []
     notes += ["CUDA graph"] if r["cuda_graph"] else []
     return r["label"] + (f" ({', '.join(notes)})" if notes else "")
 
