@@ -9,13 +9,16 @@
 # PARTS picks the parts and their order (default: all but r50_profile, epilogue, r50_compile and the two
 # speed-run experiments, about 17 minutes on an H200 with every limit reached). A session's device time (15
 # minutes, start-up included; a start took about 90 s) does not cover them all. Measured on an H200: tests
-# about 80 s, r32 and r50 about 60 s each, r50_profile 40 s, epilogue 30 s, a speed run 165 s. By what they
+# about 80 s (before the epilogue, --cuda-graph and --torchcompile tests), r32 and r50 about 60 s each, r50_profile 40 s, epilogue 30 s, a speed run 165 s. By what they
 # can decide: PARTS="tests epilogue r50 r50_profile r32 speedrun_fp32" in one call (the code paths never
 # run on a GPU, cuDNN's fused epilogue, the throughput targets, what bf16 costs the speed run), then
 # "speedrun_seed1" or "r50_compile" with what is left.
 #   tests           the CUDA tests: CUDA-graph training steps and routed inference against eager runs,
 #                   the device-resident loader, inference (folded or not, fused or not, routed) and grad
-#                   checkpointing against the CPU, train.py with fp16 autocast resumed, validate.py on CUDA
+#                   checkpointing against the CPU, cuDNN's fused epilogue against the step-by-step folding,
+#                   train.py with fp16 autocast resumed, with --cuda-graph against eager, with --torchcompile,
+#                   validate.py on CUDA; about 80 s before the last three tests were added, which bring a
+#                   compilation (TESTS_K="not torchcompile" leaves it out)
 #   train           train.py --cuda-graph for 2 epochs on the embedded digits (bf16, channels-last)
 #   speedrun        the CIFAR-10-LT speed run, the default recipe (bf16, seed 0)
 #   speedrun_seed1  the same with seed 1 (seed-to-seed spread of the accuracy), with the test accuracy
@@ -68,8 +71,8 @@ for part in $PARTS; do
     echo "=== $part ($(date -u +%H:%M:%S))"
     case $part in
     tests)
-        CUBLAS_WORKSPACE_CONFIG=:4096:8 timeout "${TESTS_S:-150}" python3 -m pytest -q -p no:cacheprovider \
-            tests/test_cuda_graph.py tests/test_data_loaders.py tests/test_cuda.py --tb=short 2>&1 | tee "$OUT/tests.txt" | tail -n 40
+        CUBLAS_WORKSPACE_CONFIG=:4096:8 timeout "${TESTS_S:-300}" python3 -m pytest -q -p no:cacheprovider \
+            tests/test_cuda_graph.py tests/test_data_loaders.py tests/test_cuda.py --tb=short -k "${TESTS_K:-}" 2>&1 | tee "$OUT/tests.txt" | tail -n 40
         ;;
     train)
         timeout "${TRAIN_S:-90}" python3 train.py --model ride_resnet32_3e --epochs 2 --cuda-graph --amp \

@@ -7,7 +7,9 @@ float32 results differ only by the order of their sums.
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -205,3 +207,26 @@ def test_train_py_fp16_amp_on_cuda_resumes_and_validates(tmp_path, deterministic
     )
     result = json.loads(results_file.read_text())
     assert result["num_images"] == 300 and 0.0 <= result["top1"] <= 100.0
+
+
+def _train_losses(tmp_path, name: str, *flags: str) -> list:
+    training.main([*FAST, "--device", "cuda", "--output", str(tmp_path), "--experiment", name, *flags])
+    with (tmp_path / name / "summary.csv").open() as f:
+        return [float(row["train_loss"]) for row in csv.DictReader(f)]
+
+
+def test_train_py_cuda_graph_trains_as_eager(tmp_path, deterministic_algorithms):
+    """train.py --cuda-graph (bf16, channels-last): the training losses of the eager run, epoch by epoch."""
+    flags = ["--epochs", "2", "--amp", "--amp-dtype", "bfloat16", "--channels-last", "--deterministic"]
+    eager = _train_losses(tmp_path, "eager", *flags)
+    graphed = _train_losses(tmp_path, "graphed", *flags, "--cuda-graph")
+    assert len(graphed) == 2 and all(math.isfinite(v) for v in graphed)
+    assert graphed == pytest.approx(eager, rel=1e-3)
+
+
+def test_train_py_torchcompile_on_cuda(tmp_path):
+    """train.py --torchcompile (inductor) on CUDA: trains, and its loss is the eager run's up to the
+    compiler's rounding."""
+    eager = _train_losses(tmp_path, "eager", "--epochs", "1")
+    compiled = _train_losses(tmp_path, "compiled", "--epochs", "1", "--torchcompile")
+    assert compiled == pytest.approx(eager, rel=2e-2)
