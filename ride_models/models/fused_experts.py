@@ -225,13 +225,29 @@ def _conv_bn(
     bns: Sequence[nn.BatchNorm2d],
     shared_input: bool,
     fold: bool = True,
+    relu: bool = False,
+    z: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Convolution then batch norm, per expert. In eval mode with ``fold``, the batch norm is folded into
-    the stacked weights (w * gamma / sqrt(var + eps), bias beta - mean * gamma / sqrt(var + eps)): one pass
-    over the maps instead of two, equal to the two-step computation up to float rounding."""
+    """Convolution then batch norm, per expert; with ``relu``, then ReLU, after adding ``z`` if given.
+
+    In eval mode with ``fold``, the batch norm is folded into the stacked weights (w * gamma / sqrt(var +
+    eps), bias beta - mean * gamma / sqrt(var + eps)): one pass over the maps instead of two, equal to the
+    two-step computation up to float rounding; with ``relu``, in cuDNN's fused epilogue where it applies
+    (:func:`_conv_epilogue`).
+    """
     if bns[0].training or not fold:
-        return _batch_norm(_conv(x, convs, shared_input), bns)
-    return _conv(x, convs, shared_input, _folded_weights(convs, bns))
+        out = _batch_norm(_conv(x, convs, shared_input), bns)
+    else:
+        weight, bias = _folded_weights(convs, bns)
+        if relu:
+            fused = _conv_epilogue(x, convs, shared_input, weight, bias, z)
+            if fused is not None:
+                return fused
+        out = _conv(x, convs, shared_input, (weight, bias))
+    if not relu:
+        return out
+    # In place: on batch norm's output, which its backward does not need.
+    return F.relu(out, inplace=True) if z is None else out.add_(z).relu_()
 
 
 # cuDNN's fused epilogue: on or off (cudnn_epilogue), and the configurations cuDNN declined.
@@ -325,28 +341,6 @@ def _conv_epilogue(
         return None
 
 
-def _conv_bn_relu(
-    x: torch.Tensor,
-    convs: Sequence[nn.Conv2d],
-    bns: Sequence[nn.BatchNorm2d],
-    shared_input: bool,
-    fold: bool,
-    z: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """``relu(bn(conv(x)))``, or ``relu(bn(conv(x)) + z)``, per expert; folded in eval mode with ``fold``,
-    in cuDNN's fused epilogue where it applies."""
-    if not bns[0].training and fold:
-        weight, bias = _folded_weights(convs, bns)
-        out = _conv_epilogue(x, convs, shared_input, weight, bias, z)
-        if out is not None:
-            return out
-        out = _conv(x, convs, shared_input, (weight, bias))
-    else:
-        out = _batch_norm(_conv(x, convs, shared_input), bns)
-    # In place: on batch norm's output, which its backward does not need.
-    return F.relu(out, inplace=True) if z is None else out.add_(z).relu_()
-
-
 def _shortcut(x: torch.Tensor, blocks: Sequence[nn.Module], shared_input: bool, fold: bool) -> torch.Tensor:
     downsample = blocks[0].downsample
     num_experts = len(blocks)
@@ -377,9 +371,9 @@ def _block(
     out = x
     for i, name in enumerate(names[:-1]):
         convs, bns = [getattr(b, name) for b in blocks], [getattr(b, f"bn{i + 1}") for b in blocks]
-        out = _conv_bn_relu(out, convs, bns, shared_input and i == 0, fold)
+        out = _conv_bn(out, convs, bns, shared_input and i == 0, fold, relu=True)
     convs, bns = [getattr(b, names[-1]) for b in blocks], [getattr(b, f"bn{len(names)}") for b in blocks]
-    return _conv_bn_relu(out, convs, bns, False, fold, z=_shortcut(x, blocks, shared_input, fold))
+    return _conv_bn(out, convs, bns, False, fold, relu=True, z=_shortcut(x, blocks, shared_input, fold))
 
 
 @contextlib.contextmanager
