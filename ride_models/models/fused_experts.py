@@ -18,7 +18,7 @@ copies and written back to each expert's buffers in the same step.
 
 import contextlib
 import weakref
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -124,13 +124,20 @@ def _conv(
     mode: batch norm folded in).
     """
     first = convs[0]
-    groups = first.groups if shared_input else first.groups * len(convs)
     if folded is not None:
         weight, bias = folded
     else:
         weight = _cat([c.weight for c in convs])  # [E * out, in / groups, k, k]
         bias = None if first.bias is None else _cat([c.bias for c in convs])
-    return F.conv2d(x, weight, bias, first.stride, first.padding, first.dilation, groups)
+    return F.conv2d(x, weight, bias, *_geometry(convs, shared_input))
+
+
+def _geometry(convs: Sequence[nn.Conv2d], shared_input: bool) -> Tuple[Any, Any, Any, int]:
+    """Stride, padding, dilation and groups of the stacked convolution: each expert's groups, times E
+    where each expert has its own input channel block."""
+    first = convs[0]
+    groups = first.groups if shared_input else first.groups * len(convs)
+    return first.stride, first.padding, first.dilation, groups
 
 
 def _fold(convs: Sequence[nn.Conv2d], bns: Sequence[nn.BatchNorm2d]) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -320,12 +327,11 @@ def _conv_epilogue(
     first = convs[0]
     if dtype is None or isinstance(first.padding, str) or first.padding_mode != "zeros":
         return None
-    groups = first.groups if shared_input else first.groups * len(convs)
     # The output is channels-last when the input or the weight is (cuDNN's suggested layout).
     channels_last = any(
         t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous() for t in (x, weight)
     )
-    geometry = (first.stride, first.padding, first.dilation, groups)
+    geometry = _geometry(convs, shared_input)
     key = (x.device, dtype, channels_last, tuple(weight.shape), geometry, z is None)
     if key in _EPILOGUE_DECLINED:
         return None
