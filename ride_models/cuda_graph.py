@@ -26,7 +26,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from ride_models.models.fused_experts import forget_folded_weights
+from ride_models.models.fused_experts import cudnn_epilogue, forget_folded_weights
 from ride_models.models.ride_resnet import RoutedOutput, _check_threshold
 
 __all__ = ["GraphedRouting", "GraphedTrainStep"]
@@ -214,7 +214,9 @@ class GraphedRouting:
         if record and not x.is_cuda:
             raise RuntimeError("CUDA graphs need a CUDA device; use record=False on this machine")
         key = (tuple(x.shape), x.dtype, tuple(x.stride()), x.device, record)
-        with torch.inference_mode():
+        # Folded convolutions step by step, without cuDNN's fused epilogue: graph capture turns it off (its
+        # operators have not been checked under capture), and the eager mode (record=False) computes alike.
+        with torch.inference_mode(), cudnn_epilogue(False):
             cascade = self._state.get(key)
             if cascade is None:
                 self._state.clear()  # one input shape at a time: free the graphs of the previous one
