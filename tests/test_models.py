@@ -646,3 +646,23 @@ def test_every_entry_point_explains_a_wrong_input(entry):
     for bad, message in [((2, 1, 32, 32), "create the model with in_chans=1"), ((3, 32, 32), r"got \[3, 32")]:
         with pytest.raises(ValueError, match=message):
             getattr(model, entry)(torch.randn(*bad))
+
+
+@pytest.mark.parametrize("fold_bn", [True, False])
+@pytest.mark.parametrize("entry", ["__call__", "route", "forward_features", "forward_intermediates"])
+def test_an_input_of_another_dtype_is_named_with_the_fix(entry, fold_bn):
+    """PyTorch's own message named a "bias type" (the folded batch norm's) the user never made."""
+    model = timm.create_model("ride_resnet32_3e", num_classes=10, fold_bn=fold_bn).eval()
+    cases = [
+        (torch.float64, r"images are torch.float64, the model.s weights torch.float32: .*\(x.to"),
+        (torch.bfloat16, r"model.to\(torch.bfloat16\)\), or run under torch.autocast"),
+        (torch.uint8, "convert the images to floats and normalise them"),
+    ]
+    with torch.no_grad():
+        for dtype, message in cases:
+            with pytest.raises(ValueError, match=message):
+                getattr(model, entry)(torch.zeros(2, 3, 32, 32, dtype=dtype))
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts: no refusal
+            getattr(model, entry)(torch.zeros(2, 3, 32, 32, dtype=torch.bfloat16))
+        model.double()
+        getattr(model, entry)(torch.zeros(2, 3, 32, 32, dtype=torch.float64))

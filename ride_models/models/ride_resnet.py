@@ -141,6 +141,25 @@ def _autocast_enabled(x: torch.Tensor) -> bool:
     return autocast_known(x.device.type) and torch.is_autocast_enabled(x.device.type)
 
 
+@torch.jit.unused  # only called outside TorchScript (is_scripting() guards the call)
+def _check_dtype(x: torch.Tensor, weight: torch.Tensor) -> None:
+    """Refuse an input whose dtype the model's weights do not have, outside autocast (which casts both), with
+    a message naming the two dtypes and the fix; PyTorch's own ("Input type (double) and bias type (float)
+    should be the same", with the batch norm folded) names neither the model nor what to do."""
+    if isinstance(x, torch.fx.Proxy) or x.dtype == weight.dtype or _autocast_enabled(x):
+        return
+    if not x.is_floating_point():
+        raise ValueError(
+            f"the images are {x.dtype}, the model's weights {weight.dtype}: convert the images to floats and "
+            "normalise them as the model expects (timm.data.resolve_data_config and create_transform build "
+            "that transform)"
+        )
+    fix = f"convert one to the other (x.to({weight.dtype}) or model.to({x.dtype}))"
+    if x.dtype in (torch.float16, torch.bfloat16):
+        fix += f", or run under torch.autocast(device_type, dtype={x.dtype})"
+    raise ValueError(f"the images are {x.dtype}, the model's weights {weight.dtype}: {fix}")
+
+
 class NormedLinear(nn.Module):
     """Cosine classifier: ``scale * cos(x, w_c)`` for every class c (the official ``NormedLinear``).
 
@@ -676,8 +695,10 @@ class RIDEResNet(nn.Module):
     def forward_shared(self, x: torch.Tensor) -> torch.Tensor:
         """The shared trunk: stem and shared stages. ``[B, in_chans, H, W]`` -> ``[B, C_s, H', W']``."""
         _check_input(x, self.in_chans)
-        if not torch.jit.is_scripting() and self._fold_trunk(x):
-            return self._folded_shared(x)
+        if not torch.jit.is_scripting():
+            _check_dtype(x, self.conv1.weight)
+            if self._fold_trunk(x):
+                return self._folded_shared(x)
         x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
         if not torch.jit.is_scripting() and self._checkpointing():
             x = checkpoint_blocks(self.layer1, x)
@@ -940,6 +961,8 @@ class RIDEResNet(nn.Module):
         if output_fmt != "NCHW":
             raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
         _check_input(x, self.in_chans)
+        if not torch.jit.is_scripting():
+            _check_dtype(x, self.conv1.weight)
         take, max_index = _take_indices(len(self.feature_info), indices)
         intermediates = []
         # The same computation as forward_features: batch norm folded where that runs folded.
