@@ -83,8 +83,11 @@ def test_long_tail_counts_by_hand() -> None:
     assert long_tail_counts(10, 50, 10) == [50, 38, 29, 23, 17, 13, 10, 8, 6, 5]
     assert long_tail_counts(4, 7, 1) == [7, 7, 7, 7]
     assert long_tail_counts(1, 9, 50) == [9]
-    with pytest.raises(ValueError, match="img_max 0 gives the one class no image"):
+    with pytest.raises(ValueError, match="img_max 0 gives the head class no image; it must be at least 1"):
         long_tail_counts(1, 0, 1)
+    # With several classes too: no ratio can help (it used to advise "a smaller ratio (at most 1)").
+    with pytest.raises(ValueError, match="img_max 0.5 gives the head class no image; it must be at least 1"):
+        long_tail_counts(3, 0.5, 1)
     with pytest.raises(ValueError, match=r"counts\[0\] is -1: images to keep per class cannot be negative"):
         select_per_class([0, 0, 1], [-1, 1])  # idx[:-1] would have kept one of class 0's two images
 

@@ -55,9 +55,9 @@ def long_tail_counts(num_classes: int, img_max: float, ratio: float) -> list[int
     ratio = check_ratio(ratio)
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if int(img_max) < 1:  # no ratio helps: the head class itself gets no image
+        raise ValueError(f"img_max {img_max} gives the head class no image; it must be at least 1")
     if num_classes == 1:
-        if int(img_max) < 1:
-            raise ValueError(f"img_max {img_max} gives the one class no image; it must be at least 1")
         return [int(img_max)]
     imb_factor = 1.0 / ratio  # the official argument is this factor (0.01 for ratio 100), same float
     counts = [int(img_max * imb_factor ** (i / (num_classes - 1.0))) for i in range(num_classes)]
