@@ -98,7 +98,8 @@ class RouterTrainOutput(NamedTuple):
     help_targets: Optional[torch.Tensor]  # [B, E-1] bool (paper equation 5), None without targets
 
 
-def _check_input(x: torch.Tensor, in_chans: int) -> None:
+def _check_input(x: torch.Tensor, in_chans: int, weight: torch.Tensor) -> None:
+    """An image batch ``[B, in_chans, H, W]`` of the dtype of ``weight`` (the stem's; see _check_dtype)."""
     if x.dim() != 4:
         raise ValueError(f"expected an image batch of shape [B, {in_chans}, H, W], got {list(x.shape)}")
     if x.shape[1] != in_chans:
@@ -106,6 +107,8 @@ def _check_input(x: torch.Tensor, in_chans: int) -> None:
             f"expected an image batch of shape [B, {in_chans}, H, W], got {list(x.shape)}; "
             f"create the model with in_chans={x.shape[1]} for {x.shape[1]}-channel images"
         )
+    if not torch.jit.is_scripting():
+        _check_dtype(x, weight)
 
 
 torch.fx.wrap("_check_input")  # a leaf for FX: its data-dependent branch is not traced
@@ -694,11 +697,9 @@ class RIDEResNet(nn.Module):
     # ------------------------------------------------------------------------------------------ forward
     def forward_shared(self, x: torch.Tensor) -> torch.Tensor:
         """The shared trunk: stem and shared stages. ``[B, in_chans, H, W]`` -> ``[B, C_s, H', W']``."""
-        _check_input(x, self.in_chans)
-        if not torch.jit.is_scripting():
-            _check_dtype(x, self.conv1.weight)
-            if self._fold_trunk(x):
-                return self._folded_shared(x)
+        _check_input(x, self.in_chans, self.conv1.weight)
+        if not torch.jit.is_scripting() and self._fold_trunk(x):
+            return self._folded_shared(x)
         x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
         if not torch.jit.is_scripting() and self._checkpointing():
             x = checkpoint_blocks(self.layer1, x)
@@ -960,9 +961,7 @@ class RIDEResNet(nn.Module):
         experts' maps concatenated along channels (``feature_info`` gives the widths)."""
         if output_fmt != "NCHW":
             raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
-        _check_input(x, self.in_chans)
-        if not torch.jit.is_scripting():
-            _check_dtype(x, self.conv1.weight)
+        _check_input(x, self.in_chans, self.conv1.weight)
         take, max_index = _take_indices(len(self.feature_info), indices)
         intermediates = []
         # The same computation as forward_features: batch norm folded where that runs folded.
