@@ -191,7 +191,7 @@ def _folded_weights(
     recorded graph must read the live weights).
     """
     first = _tensor(convs[0], "weight")
-    if torch.compiler.is_compiling() or (first.is_cuda and torch.cuda.is_current_stream_capturing()):
+    if torch.compiler.is_compiling() or _capturing(first):
         return _fold(convs, bns)
     sources: List[torch.Tensor] = [_tensor(c, "weight") for c in convs]
     sources += [t for t in (_tensor(c, "bias") for c in convs) if t is not None]
@@ -319,9 +319,13 @@ def _epilogue_dtype(x: torch.Tensor, tensors: Sequence[torch.Tensor]) -> Optiona
 
 def _on_cudnn(x: torch.Tensor) -> bool:
     """Whether ``x`` is on a CUDA device with cuDNN on (not ROCm's MIOpen), outside CUDA-graph capture."""
-    if not (x.is_cuda and torch.backends.cudnn.enabled and torch.version.hip is None):
-        return False
-    return not torch.cuda.is_current_stream_capturing()
+    return x.is_cuda and torch.backends.cudnn.enabled and torch.version.hip is None and not _capturing(x)
+
+
+def _capturing(t: torch.Tensor) -> bool:
+    """Whether a CUDA graph is recording on the current stream, for work on ``t`` (never off CUDA: the
+    query itself needs a CUDA driver)."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def _conv_epilogue(
