@@ -186,6 +186,22 @@ def test_fx(name):
         assert torch.equal(torch.fx.symbolic_trace(plain)(x), plain(x))
 
 
+@pytest.mark.parametrize("capture", ["jit.trace", "fx"])
+def test_traced_models_read_the_live_weights(capture):
+    # Eval forwards keep derived weights (the folded convolutions, the heads' unit-length class vectors)
+    # between calls; a trace taken under no_grad must compute them from the parameters, not record the kept
+    # tensors as constants (torch.jit.trace did, before the kept weights checked for tracing).
+    model = timm.create_model("ride_resnet32_2e", num_classes=5).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        model(x)  # the kept weights exist before the trace
+        traced = torch.jit.trace(model, x) if capture == "jit.trace" else torch.fx.symbolic_trace(model)
+        model.heads[0].weight.mul_(-1.0)
+        model.bn1.running_mean.add_(0.3)
+        model.experts[1].layer3[0].bn2.running_var.mul_(2.0)
+        torch.testing.assert_close(traced(x), model(x))
+
+
 def test_grad_checkpointing_gives_the_same_gradients():
     torch.manual_seed(1)
     # Checkpointing runs the experts one by one; compare it with the same loop without checkpointing.

@@ -18,7 +18,7 @@ copies and written back to each expert's buffers in the same step.
 
 import contextlib
 import weakref
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Hashable, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,7 @@ __all__ = [
     "forget_folded_weights",
     "fused_expert_stages",
     "fusing_pays",
+    "kept",
 ]
 
 
@@ -158,13 +159,16 @@ def _fold(convs: Sequence[nn.Conv2d], bns: Sequence[nn.BatchNorm2d]) -> Tuple[to
     return weight * scale.to(weight.dtype).view(-1, 1, 1, 1), bias.to(weight.dtype)
 
 
-# First convolution -> {number of experts stacked: (state key, sources kept alive, weight, bias)}. Weak keys:
-# a model's entries go with it, and nothing is added to its state dict or its pickle.
-_FOLDED: "weakref.WeakKeyDictionary[nn.Module, Dict[int, tuple]]" = weakref.WeakKeyDictionary()
+# Owner module -> {slot: (state key, sources kept alive, what was computed from them)}: the folded weights
+# (owner: the first convolution; slot: the number of experts stacked) and the unit-length class vectors of
+# the cosine classifiers (owner: the classifier). Weak keys: a model's entries go with it, and nothing is
+# added to its state dict or its pickle.
+_KEPT: "weakref.WeakKeyDictionary[nn.Module, Dict[Hashable, tuple]]" = weakref.WeakKeyDictionary()
 
 
 def forget_folded_weights() -> None:
-    """Drop every kept folded weight, freeing its memory: the next eval forward of each model folds again.
+    """Drop every kept folded weight (and normalised classifier weight), freeing its memory: the next eval
+    forward of each model computes them again.
 
     The kept weights follow each source's version counter, which PyTorch moves for every in-place change
     it dispatches (``optimizer.step()``, ``load_state_dict``, a training forward's running statistics). Two
@@ -173,46 +177,59 @@ def forget_folded_weights() -> None:
     :class:`~ride_models.cuda_graph.GraphedTrainStep` call this; call it after such a change made while a
     model stays in eval mode. It costs one fold per model at its next forward.
     """
-    _FOLDED.clear()
+    _KEPT.clear()
+
+
+def kept(
+    owner: nn.Module,
+    slot: Hashable,
+    sources: Sequence[torch.Tensor],
+    compute: Callable[[], Any],
+    extra: Tuple[Hashable, ...] = (),
+) -> Any:
+    """``compute()``, a function of the tensors ``sources`` (and of ``extra``), computed once per state of
+    the sources when no gradient is recorded for them, and kept with ``owner`` under ``slot``.
+
+    Kept until a source changes: in place (its version counter moves, as in ``optimizer.step()``,
+    ``load_state_dict`` or a training forward's running statistics) or by replacement (its address moves;
+    the sources are kept alive, so an address is not reused while the entry lives), and after
+    :func:`forget_folded_weights` (for changes that bypass the version counter). Computed in every call
+    when gradients are recorded for a source (they must reach it), when compiling, exporting or tracing
+    (the result must be a function of the live parameters, not a constant) and during CUDA-graph capture
+    (a recorded graph must read the live weights).
+    """
+    if torch.compiler.is_compiling() or is_exporting() or torch.jit.is_tracing() or _capturing(sources[0]):
+        return compute()
+    if torch.is_grad_enabled() and any(t.requires_grad for t in sources):
+        return compute()
+    state: List[Any] = list(extra)
+    for t in sources:
+        if t.is_inference():  # no version counter to watch
+            return compute()
+        state += (t.data_ptr(), t._version)
+    key = tuple(state)
+    entries = _KEPT.setdefault(owner, {})
+    entry = entries.get(slot)
+    if entry is None or entry[0] != key:
+        # Ordinary tensors even under inference_mode: a later forward that records gradients for its input
+        # (saliency on a frozen model) must be able to save them for backward.
+        with torch.inference_mode(False), torch.no_grad():
+            entry = entries[slot] = (key, [t.detach() for t in sources], compute())
+    return entry[2]
 
 
 def _folded_weights(
     convs: Sequence[nn.Conv2d], bns: Sequence[nn.BatchNorm2d]
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``_fold``, computed once per state of the weights and statistics when no gradient is recorded for them.
+    """``_fold``, kept between forwards (:func:`kept`) when no gradient is recorded for the weights.
 
     The fold is a few small operations per convolution, which at batch 1 cost more time than the batch-norm
-    passes they replace; so under ``torch.no_grad`` / ``inference_mode`` the result is kept until a source
-    tensor changes: in place (its version counter moves, as in ``optimizer.step()``, ``load_state_dict``
-    or a training forward's running statistics) or by replacement (its address moves; the sources are kept
-    alive, so an address is not reused while the entry lives), and after :func:`forget_folded_weights` (for
-    changes that bypass the version counter). Recomputed in every forward when gradients are recorded for a
-    source (they must reach the weights and batch norms), when compiling and during CUDA-graph capture (a
-    recorded graph must read the live weights).
+    passes they replace.
     """
-    first = _tensor(convs[0], "weight")
-    if torch.compiler.is_compiling() or _capturing(first):
-        return _fold(convs, bns)
     sources: List[torch.Tensor] = [_tensor(c, "weight") for c in convs]
     sources += [t for t in (_tensor(c, "bias") for c in convs) if t is not None]
     sources += [_tensor(b, name) for b in bns for name in ("weight", "bias", "running_mean", "running_var")]
-    if torch.is_grad_enabled() and any(t.requires_grad for t in sources):
-        return _fold(convs, bns)
-    state: List[Any] = [bns[0].eps]
-    for t in sources:
-        if t.is_inference():  # no version counter to watch
-            return _fold(convs, bns)
-        state += (t.data_ptr(), t._version)
-    key = tuple(state)
-    entries = _FOLDED.setdefault(convs[0], {})
-    entry = entries.get(len(convs))
-    if entry is None or entry[0] != key:
-        # Ordinary tensors even under inference_mode: a later forward that records gradients for its input
-        # (saliency on a frozen model) must be able to save them for backward.
-        with torch.inference_mode(False), torch.no_grad():
-            weight, bias = _fold(convs, bns)
-            entry = entries[len(convs)] = (key, [t.detach() for t in sources], weight, bias)
-    return entry[2], entry[3]
+    return kept(convs[0], len(convs), sources, lambda: _fold(convs, bns), (bns[0].eps,))
 
 
 def _tensor(module: nn.Module, name: str) -> Optional[torch.Tensor]:
