@@ -202,6 +202,37 @@ def test_traced_models_read_the_live_weights(capture):
         torch.testing.assert_close(traced(x), model(x))
 
 
+def test_cosine_heads_keep_their_unit_weights_only_while_they_are_unchanged():
+    from ride_models.models.fused_experts import forget_folded_weights
+
+    torch.manual_seed(0)
+    model = timm.create_model("ride_resnet32_2e", num_classes=7).eval()
+    head = model.heads[1]
+    features = torch.randn(4, head.in_features)
+
+    def direct():
+        return head.scale * torch.nn.functional.linear(
+            torch.nn.functional.normalize(features, dim=1), torch.nn.functional.normalize(head.weight, dim=1)
+        )
+
+    with torch.no_grad():
+        assert torch.equal(head(features), direct())
+        kept = head._unit_weight(features)
+        assert head._unit_weight(features) is kept  # kept between calls
+        head.weight.mul_(torch.linspace(0.5, 2.0, 7).view(7, 1)).add_(0.1)  # in place: seen
+        assert torch.equal(head(features), direct())
+        other = timm.create_model("ride_resnet32_2e", num_classes=7)
+        model.load_state_dict(other.state_dict())
+        assert torch.equal(head(features), direct())
+        head.weight.data.mul_(-1.0)  # bypasses the version counter: seen after forget_folded_weights
+        forget_folded_weights()
+        assert torch.equal(head(features), direct())
+    # With gradients recorded, the normalisation is part of the graph and the weight gets its gradient.
+    head(features).sum().backward()
+    expected = torch.autograd.grad(direct().sum(), head.weight)[0]
+    torch.testing.assert_close(head.weight.grad, expected)
+
+
 def test_grad_checkpointing_gives_the_same_gradients():
     torch.manual_seed(1)
     # Checkpointing runs the experts one by one; compare it with the same loop without checkpointing.

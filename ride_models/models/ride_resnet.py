@@ -59,6 +59,7 @@ from ride_models.models.fused_experts import (
     forget_folded_weights,
     fused_expert_stages,
     fusing_pays,
+    kept,
 )
 from ride_models.router import ExpertRouter
 
@@ -194,7 +195,22 @@ class NormedLinear(nn.Module):
         return self._cosine(x)
 
     def _cosine(self, x: torch.Tensor) -> torch.Tensor:
-        return self.scale * F.linear(F.normalize(x, dim=1), F.normalize(self.weight, dim=1))
+        if torch.jit.is_scripting():
+            weight = F.normalize(self.weight, dim=1)
+        else:
+            weight = self._unit_weight(x)
+        return self.scale * F.linear(F.normalize(x, dim=1), weight)
+
+    @torch.jit.unused
+    def _unit_weight(self, x: torch.Tensor) -> torch.Tensor:
+        """The class vectors scaled to unit length, kept between forwards while the weight is unchanged
+        and no gradient is recorded for it (``fused_experts.kept``, as the folded convolutions): for
+        ``ride_resnet50_3e``'s 8,142 iNaturalist classes, normalising the three heads' weights took 47 ms
+        of a 150 ms batch-1 forward on 2 CPU cores."""
+        weight = self.weight
+        if isinstance(x, torch.fx.Proxy) or isinstance(weight, torch.fx.Proxy):  # FX: part of the graph
+            return F.normalize(weight, dim=1)
+        return kept(self, "unit_weight", [weight], lambda: F.normalize(weight, dim=1))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, scale={self.scale}"
