@@ -6,13 +6,18 @@
 #
 #   OUT=gpu_out DATA=../shared/data/cifar10 OFFICIAL=/path/to/RIDE-LongTailRecognition bash benchmarks/gpu_checks.sh
 #
-# PARTS picks the parts and their order (default: all but r50_profile, epilogue, r50_compile and the two
-# speed-run experiments, about 17 minutes on an H200 with every limit reached). A session's device time (15
-# minutes, start-up included; a start took about 90 s) does not cover them all. Measured on an H200: tests
-# about 80 s (before the epilogue, --cuda-graph and --torchcompile tests), r32 and r50 about 60 s each, r50_profile 40 s, epilogue 30 s, a speed run 165 s. By what they
-# can decide: PARTS="tests epilogue r50 r50_profile r32 speedrun_fp32" in one call (the code paths never
-# run on a GPU, cuDNN's fused epilogue, the throughput targets, what bf16 costs the speed run), then
-# "speedrun_seed1" or "r50_compile" with what is left.
+# PARTS picks the parts and their order (default: all but r50_profile, epilogue, the two r50_compile parts
+# and the two speed-run experiments, about 17 minutes on an H200 with every limit reached). A session's
+# device time (15 minutes, start-up included; a start took about 90 s) does not cover them all. Measured on
+# an H200: tests about 80 s (before the epilogue, --cuda-graph and --torchcompile tests), r32 and r50 about
+# 60 s each, r50_profile 40 s, epilogue 30 s, a speed run 165 s; the compile parts have not run yet. By what
+# they can decide, the next session's calls:
+#   1. PARTS="tests epilogue r50 r50_compile_train" (about 8 to 9 minutes, timeout_s 590): the code paths
+#      never run on a GPU (cuDNN's fused epilogue, train.py --cuda-graph and --torchcompile), whether the
+#      epilogue brings routed ride_resnet50_3e up to timm's resnet50, and whether torch.compile brings its
+#      bf16 training to 2.5x the official fp32 step and 1.2x the official bf16 one;
+#   2. with what is left (a speed run needs about 200 s): PARTS=speedrun_wide (whether full-width experts
+#      at lr 0.05 reach 80 % within 3 minutes), else speedrun_fp32 or r32.
 #   tests           the CUDA tests: CUDA-graph training steps and routed inference against eager runs,
 #                   the device-resident loader, inference (folded or not, fused or not, routed) and grad
 #                   checkpointing against the CPU, cuDNN's fused epilogue against the step-by-step folding,
@@ -41,6 +46,9 @@
 #                   routing, with a profile of every case (where the time goes); about 40 s
 #   epilogue        benchmarks/conv_epilogue.py: bias, ReLU and residual add after a convolution, separately
 #                   or in cuDNN's fused epilogue; about 30 s
+#   r50_compile_train  ride_resnet50_3e training under torch.compile, bf16, channels-last, beside the official
+#                   code (eager, bf16 channels-last and as shipped: fp32 NCHW); timm's resnet50 left out
+#                   (another compilation): the two training targets, in the time one compilation takes
 #   r50_compile     ride_resnet50_3e under torch.compile, bf16: training, all-experts and routed inference,
 #                   beside the official code (eager: it has no such option) and timm's resnet50 (compiled
 #                   too); not in the default list: minutes of compilation
@@ -103,11 +111,17 @@ for part in $PARTS; do
     epilogue)
         timeout "${EPILOGUE_S:-60}" python3 benchmarks/conv_epilogue.py 2>&1 | tee "$OUT/conv_epilogue.txt"
         ;;
+    r50_compile_train)
+        timeout "${COMPILE_S:-300}" python3 benchmarks/throughput.py --device cuda "${official_args[@]}" \
+            --models ride_resnet50_3e --modes train --precision bf16 --channels-last --compile --baseline none \
+            --seconds 0.3 --repeats 3 --warmup 2 --json "$OUT/throughput_r50_compile_train.json" 2>&1 \
+            | tee "$OUT/throughput_r50_compile_train.txt"
+        ;;
     r50_compile)
         timeout "${COMPILE_S:-400}" python3 benchmarks/throughput.py --device cuda "${official_args[@]}" \
             --models ride_resnet50_3e --modes train infer routed --precision bf16 --compile --seconds 0.3 \
             --repeats 3 --warmup 2 --json "$OUT/throughput_r50_compile.json" 2>&1 | tee "$OUT/throughput_r50_compile.txt"
         ;;
-    *) echo "unknown part $part (parts: tests train speedrun speedrun_seed1 speedrun_fp32 speedrun_lr05 speedrun_wide r32 r50 r50_profile epilogue r50_compile)" ;;
+    *) echo "unknown part $part (parts: tests train speedrun speedrun_seed1 speedrun_fp32 speedrun_lr05 speedrun_wide r32 r50 r50_profile epilogue r50_compile_train r50_compile)" ;;
     esac
 done
