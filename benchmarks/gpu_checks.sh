@@ -37,9 +37,9 @@
 #                   list
 #   r32             throughput of ride_resnet32_4e (CUDA graphs for training and routed inference, the
 #                   official code as shipped, inference also with batch norm not folded and without cuDNN's
-#                   fused epilogue); about 60 s
+#                   fused epilogue, where blocks run one by one unfold too); about 60 s
 #   r50             throughput of ride_resnet50_3e and timm's resnet50 (inference also with batch norm not
-#                   folded, and folded without cuDNN's fused epilogue); channels-last in fp32 too (the
+#                   folded, and without cuDNN's fused epilogue); channels-last in fp32 too (the
 #                   official code also as shipped, fp32 NCHW: the equal-precision target compares our
 #                   fastest fp32 with it); about 60 s on an H200
 #   r50_profile     ride_resnet50_3e inference and routed inference, bf16, the same variants and CUDA-graph

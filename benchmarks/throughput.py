@@ -199,8 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--plain-epilogue",
         action="store_true",
-        help="our inference and routed rows on CUDA: also a row with batch norm folded but its bias, the "
-        "ReLU and the shortcut's add run as separate operators instead of in cuDNN's fused epilogue",
+        help="our inference and routed rows on CUDA: also a row without cuDNN's fused epilogue "
+        "(cudnn_epilogue(False)), as the library then runs: batch norms as modules where blocks run one by "
+        "one (folding pays on CUDA only with the epilogue), folded with bias, ReLU and the shortcut's add "
+        "as separate operators in the experts' fused pass",
     )
     p.add_argument(
         "--cuda-graph",
@@ -1030,7 +1032,7 @@ def row_label(r: Dict[str, Any]) -> str:
     notes = ["compiled"] if r["compiled"] else []
     notes += [FUSED[r["fused"]]] if r["impl"] == "ours" else []
     notes += ["BN not folded"] if r["fold_bn"] is False else []
-    notes += ["epilogue not fused"] if r.get("cudnn_epilogue") is False else []
+    notes += ["no cuDNN epilogue"] if r.get("cudnn_epilogue") is False else []
     notes += ["CUDA graph"] if r["cuda_graph"] else []
     return r["label"] + (f" ({', '.join(notes)})" if notes else "")
 

@@ -214,8 +214,9 @@ class GraphedRouting:
         if record and not x.is_cuda:
             raise RuntimeError("CUDA graphs need a CUDA device; use record=False on this machine")
         key = (tuple(x.shape), x.dtype, tuple(x.stride()), x.device, record)
-        # Folded convolutions step by step, without cuDNN's fused epilogue: graph capture turns it off (its
-        # operators have not been checked under capture), and the eager mode (record=False) computes alike.
+        # Without cuDNN's fused epilogue: graph capture turns it off (its operators have not been checked
+        # under capture), and the eager mode (record=False) computes alike. Without it, the experts run one
+        # by one here keep their batch norms as modules on CUDA (fused_experts.folding_pays).
         with torch.inference_mode(), cudnn_epilogue(False):
             cascade = self._state.get(key)
             if cascade is None:
@@ -241,7 +242,7 @@ class _Cascade:
         self.x = x.clone()  # the input buffer (clone keeps the memory format)
         with self.autocast():  # one eager pass for the shapes and dtypes of the buffers
             shared = model.forward_shared(self.x)
-            self.fold = model._fold_experts(shared, self.num_experts)  # batch norm folded, as model.route
+            self.fold = model._fold_experts(shared, self.num_experts)  # batch norm folded or not, as in route
             logits = model.heads[0](model.global_pool(model._run_expert(0, shared, self.fold)))
         self.shared = torch.empty_like(shared)
         self.running_sum = torch.empty_like(logits)  # [B, C]: sum of the logits of the experts used

@@ -122,10 +122,11 @@ def test_routed_inference_on_cuda_equals_the_cpu(name, size):
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("name, size", [("ride_resnet32_4e", 32), ("ride_resnet50_3e", 64)])
 def test_cudnn_epilogue_equals_the_step_by_step_folding(name, size, channels_last, precision, monkeypatch):
-    """Folded blocks with bias, ReLU and shortcut add in cuDNN's epilogue: the outputs of the step-by-step
-    folded computation. The epilogue must be taken in bf16 channels-last (the fast path the throughput
-    figures are about); in the other configurations cuDNN may decline it (the library then computes step by
-    step), which is reported as a warning rather than a failure."""
+    """Folded blocks with bias, ReLU and shortcut add in cuDNN's epilogue: the outputs of the computation
+    without it (batch norms as modules where the blocks run one by one, folded step by step in the experts'
+    fused pass). The epilogue must be taken in bf16 channels-last (the fast path the throughput figures are
+    about); in the other configurations cuDNN may decline it (the library then computes step by step), which
+    is reported as a warning rather than a failure."""
     from ride_models.models import fused_experts as fe
 
     monkeypatch.setattr(fe, "_EPILOGUE_DECLINED", set())  # this configuration's declines only
@@ -157,6 +158,26 @@ def test_cudnn_epilogue_equals_the_step_by_step_folding(name, size, channels_las
     elif declined:
         where = f"{name} {precision} channels_last={channels_last}"
         warnings.warn(f"cuDNN declined the epilogue for {where}: {declined}", stacklevel=1)
+
+
+def test_folding_pays_on_cuda_only_with_the_epilogue():
+    from ride_models.models import fused_experts as fe
+
+    x = torch.randn(2, 3, 8, 8, device="cuda")
+    w = torch.randn(4, 3, 1, 1, device="cuda", requires_grad=True)
+    assert not fe.folding_pays(x, w)  # autograd records: the epilogue has no backward
+    with torch.no_grad():
+        assert fe.folding_pays(x, w)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            assert fe.folding_pays(x, w)
+        with fe.cudnn_epilogue(False):
+            assert not fe.folding_pays(x, w)
+        assert not fe.folding_pays(x.double(), w.double())
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = x + 1
+            during_capture = fe.folding_pays(y, w)
+        assert not during_capture
 
 
 @pytest.mark.parametrize("fused", [True, False])

@@ -363,6 +363,34 @@ def test_fold_bn_false_folds_nothing(fused, monkeypatch):
         plain.route(torch.randn(2, 3, 32, 32))
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_blocks_run_one_by_one_fold_only_where_folding_pays(fused, monkeypatch):
+    """Where ``folding_pays`` says no (on CUDA: without cuDNN's epilogue), the trunk and the experts run one
+    by one run their batch norms as modules: bit for bit the fold_bn=False computation. The fused experts'
+    pass folds anyway (it spares concatenating the batch norms' parameters)."""
+    from ride_models.models import ride_resnet
+
+    folded, plain = _fold_pair("ride_resnet50_2e", fused, torch.float32)
+    assert fe.folding_pays(torch.randn(1), torch.randn(1))  # the CPU: always
+    x = torch.randn(2, 3, 64, 64)
+    asked = []
+    monkeypatch.setattr(ride_resnet, "folding_pays", lambda x, w: asked.append(w.shape) or False)
+    folds = []
+    original = fe._folded_weights
+    monkeypatch.setattr(fe, "_folded_weights", lambda *a: folds.append(1) or original(*a))
+    with torch.no_grad():
+        out, routed = folded(x), folded.route(x, threshold=0.5)
+        expected, expected_routed = plain(x), plain.route(x, threshold=0.5)
+    assert asked
+    if fused:
+        assert folds  # the experts' pass
+        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    else:
+        assert not folds
+        assert torch.equal(out, expected)
+        assert torch.equal(routed.logits, expected_routed.logits)
+
+
 def _fake_cudnn_epilogue(monkeypatch, decline: bool = False) -> list:
     """cuDNN's fused operators as their step-by-step definition, taken as available on the CPU: the library's
     wiring of weights, bias, geometry and shortcut into them is then checked without a GPU. With

@@ -56,6 +56,7 @@ from ride_models.models.fused_experts import (
     checkpoint_blocks,
     folded_blocks,
     folded_conv_bn,
+    folding_pays,
     forget_folded_weights,
     fused_expert_stages,
     fusing_pays,
@@ -763,12 +764,14 @@ class RIDEResNet(nn.Module):
             enabled = fusing_pays(list(self.experts), x.device.type, self.training, channels_last)
         return enabled and can_fuse(list(self.experts), self.training)
 
-    def _can_fold(self, x: torch.Tensor, modules: List[nn.Module]) -> bool:
-        """Whether ``modules`` can run with batch norm folded into the convolutions on this input: eval mode,
-        ``fold_bn`` on, no FX tracing, and ``can_fuse``'s conditions (no hooks inside: a hook must fire)."""
+    def _can_fold(self, x: torch.Tensor, modules: List[nn.Module], weight: torch.Tensor) -> bool:
+        """Whether ``modules`` (run one by one; ``weight``: one of their convolution weights) run with batch
+        norm folded into the convolutions on this input: eval mode, ``fold_bn`` on, no FX tracing, where
+        folding pays on the device (``folding_pays``: on CUDA, with cuDNN's fused epilogue) and
+        ``can_fuse``'s conditions (no hooks inside: a hook must fire)."""
         if self.training or not self.fold_bn or isinstance(x, torch.fx.Proxy):
             return False
-        return can_fuse(modules, training=False)
+        return folding_pays(x, weight) and can_fuse(modules, training=False)
 
     @torch.jit.unused
     def _shared_stages(self) -> List[nn.Module]:
@@ -776,11 +779,13 @@ class RIDEResNet(nn.Module):
 
     @torch.jit.unused
     def _fold_trunk(self, x: torch.Tensor) -> bool:
-        return self._can_fold(x, [self.conv1, self.bn1, self.act1, self.maxpool, *self._shared_stages()])
+        modules = [self.conv1, self.bn1, self.act1, self.maxpool, *self._shared_stages()]
+        return self._can_fold(x, modules, self.conv1.weight)
 
     @torch.jit.unused
     def _fold_experts(self, x: torch.Tensor, num_experts: int) -> bool:
-        return self._can_fold(x, list(self.experts)[:num_experts])
+        experts = list(self.experts)[:num_experts]
+        return self._can_fold(x, experts, next(experts[0].parameters()))
 
     @torch.jit.unused
     def _folded_shared(self, x: torch.Tensor) -> torch.Tensor:
