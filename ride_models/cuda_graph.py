@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ride_models.models.fused_experts import cudnn_epilogue, forget_folded_weights
-from ride_models.models.ride_resnet import RoutedOutput, _check_threshold
+from ride_models.models.ride_resnet import RoutedOutput, _check_threshold, _rows
 
 __all__ = ["GraphedRouting", "GraphedTrainStep"]
 
@@ -282,7 +282,7 @@ class _Cascade:
         idx = self.order[:bucket]  # the routed samples, then padding
         valid = self.positions[:bucket] < self.count  # [b]: rows that are routed samples
         with self.autocast():
-            features = model.global_pool(model._run_expert(i, self.shared.index_select(0, idx), self.fold))
+            features = model.global_pool(model._run_expert(i, _rows(self.shared, idx), self.fold))
             running_sum = self.running_sum.index_select(0, idx) + model.heads[i](features)
             # Padded rows have stopped: their running sums are never read again, their results are kept.
             self.running_sum.index_copy_(0, idx, running_sum)

@@ -440,6 +440,23 @@ def test_routed_inference_skips_work_for_stopped_samples():
         torch.testing.assert_close(y[i], expert_logits[i, : n[i]].mean(0), atol=1e-5, rtol=1e-6)
 
 
+def test_routed_experts_keep_the_channels_last_layout():
+    # The samples that go on are gathered in the maps' own memory format (index_select gave NCHW maps, which
+    # every later expert's first convolutions converted back).
+    model = _router_model().to(memory_format=torch.channels_last)
+    x = torch.randn(8, 3, 32, 32).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        model.route(x, threshold=0.0)  # every decision sends every sample on
+    layouts = []
+    for expert in model.experts:
+        expert.register_forward_pre_hook(
+            lambda m, inp: layouts.append(inp[0].is_contiguous(memory_format=torch.channels_last))
+        )
+    with torch.no_grad():
+        out = model.route(x, threshold=0.0)  # with hooks inside, the experts run as modules
+    assert out.num_experts.tolist() == [4] * 8 and layouts == [True] * 4
+
+
 def test_routing_threshold():
     model = _router_model(bias=0.5)  # p = sigmoid(0.5) = 0.62
     x = torch.randn(3, 3, 32, 32)

@@ -165,6 +165,13 @@ def _check_dtype(x: torch.Tensor, weight: torch.Tensor) -> None:
     raise ValueError(f"the images are {x.dtype}, the model's weights {weight.dtype}: {fix}")
 
 
+def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The samples ``index`` of the maps ``x``, in ``x``'s memory format. (``index_select`` returns
+    contiguous NCHW maps: on channels-last maps it took 4.5x as long on the CPU (16 x 512 x 28 x 28, 9
+    samples), and the next convolution converts its input back.)"""
+    return x[index]
+
+
 class NormedLinear(nn.Module):
     """Cosine classifier: ``scale * cos(x, w_c)`` for every class c (the official ``NormedLinear``).
 
@@ -919,7 +926,7 @@ class RIDEResNet(nn.Module):
             if keep.numel() == 0:
                 break
             active = active.index_select(0, keep)
-            features = self.global_pool(self._run_expert(i, shared.index_select(0, active), fold))
+            features = self.global_pool(self._run_expert(i, _rows(shared, active), fold))
             running_sum = running_sum.index_select(0, keep) + self.heads[i](features)
             logit_sum[active] = running_sum
             num_experts[active] += 1
