@@ -199,7 +199,7 @@ def kept(
     (the result must be a function of the live parameters, not a constant) and during CUDA-graph capture
     (a recorded graph must read the live weights).
     """
-    if torch.compiler.is_compiling() or is_exporting() or torch.jit.is_tracing() or _capturing(sources[0]):
+    if _graphing() or _capturing(sources[0]):
         return compute()
     if torch.is_grad_enabled() and any(t.requires_grad for t in sources):
         return compute()
@@ -316,15 +316,15 @@ def cudnn_epilogue(enabled: bool) -> Iterator[None]:
 
 def _epilogue_dtype(x: torch.Tensor, tensors: Sequence[torch.Tensor]) -> Optional[torch.dtype]:
     """The dtype the fused epilogue computes in on ``x``, or None where it does not apply: off the GPU or
-    cuDNN, when autograd records (the fused operators have no backward), when compiling or exporting
-    (the compiler fuses on its own; export traces the plain operators), during CUDA-graph capture, and for
-    dtypes other than float32, float16 and bfloat16 (or weights of another dtype than the input without
-    autocast, which the plain path reports)."""
+    cuDNN, when autograd records (the fused operators have no backward), when compiling, exporting or
+    tracing (the compiler fuses on its own; a graph keeps the plain operators), during CUDA-graph capture,
+    and for dtypes other than float32, float16 and bfloat16 (or weights of another dtype than the input
+    without autocast, which the plain path reports)."""
     if not (_EPILOGUE["enabled"] and _on_cudnn(x)):
         return None
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *tensors)):
         return None
-    if torch.compiler.is_compiling() or is_exporting():
+    if _graphing():
         return None
     if torch.is_autocast_enabled("cuda"):
         dtype = torch.get_autocast_dtype("cuda")
@@ -357,9 +357,15 @@ def folding_pays(x: torch.Tensor, weight: torch.Tensor) -> bool:
     The experts' fused pass folds wherever ``fold_bn`` allows: there folding also spares the concatenation
     of every batch norm's parameters in each forward.
     """
-    if not x.is_cuda or torch.compiler.is_compiling() or is_exporting():
+    if not x.is_cuda or _graphing():
         return True
     return _epilogue_dtype(x, [weight]) is not None
+
+
+def _graphing() -> bool:
+    """Whether this forward is being turned into a graph by ``torch.compile``, ``torch.export`` or
+    ``torch.jit.trace``: the graph must compute from the live parameters, with the plain operators."""
+    return torch.compiler.is_compiling() or is_exporting() or torch.jit.is_tracing()
 
 
 def _capturing(t: torch.Tensor) -> bool:
