@@ -363,6 +363,26 @@ def test_fold_bn_false_folds_nothing(fused, monkeypatch):
         plain.route(torch.randn(2, 3, 32, 32))
 
 
+@pytest.mark.parametrize("shared_input", [True, False])
+def test_option_a_shortcut_keeps_the_channels_last_layout(shared_input):
+    """The fused pass's option-A shortcut on channels-last maps: the same values and gradients as on NCHW
+    maps, in channels-last (the NCHW result made every block's shortcut add a mixed-layout one)."""
+    model = timm.create_model("ride_resnet32_4e", num_classes=10)
+    stage = "layer2" if shared_input else "layer3"
+    blocks = [getattr(expert, stage)[0] for expert in model.experts]
+    channels = blocks[0].conv1.in_channels * (1 if shared_input else len(blocks))
+    x = torch.randn(3, channels, 8, 8, dtype=torch.float64, requires_grad=True)
+    x_cl = x.detach().to(memory_format=torch.channels_last).requires_grad_(True)
+    expected = fe._shortcut(x, blocks, shared_input, True)
+    got = fe._shortcut(x_cl, blocks, shared_input, True)
+    assert expected.is_contiguous() and got.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(got, expected)
+    weights = torch.randn_like(expected)
+    (grad,) = torch.autograd.grad((expected * weights).sum(), x)
+    (grad_cl,) = torch.autograd.grad((got * weights).sum(), x_cl)
+    assert torch.equal(grad_cl, grad)
+
+
 @pytest.mark.parametrize("fused", [True, False])
 def test_blocks_run_one_by_one_fold_only_where_folding_pays(fused, monkeypatch):
     """Where ``folding_pays`` says no (on CUDA: without cuDNN's epilogue), the trunk and the experts run one
