@@ -428,34 +428,23 @@ def _shortcut(x: torch.Tensor, blocks: Sequence[nn.Module], shared_input: bool, 
         return _conv_bn(x, convs, bns, shared_input, fold)
     # Option A: subsample, then zero-pad each expert's channel block on both sides.
     stride, pad = downsample.stride, downsample.pad
+    # In the maps' own layout: for channels-last maps, in NHWC terms, the channels being the last dimension.
+    # (Padded as NCHW, the result was NCHW, and the block's shortcut add a mixed-layout one: 4x as slow on
+    # the CPU for the first block of ride_resnet32_4e's layer 2 at batch 128.)
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     if stride != 1:
         x = x[:, :, ::stride, ::stride]
-    if channels_last:
-        return _padded_blocks_channels_last(x, num_experts, pad, shared_input)
+    dim = 3 if channels_last else 1  # the channel dimension of `maps`
+    maps = x.permute(0, 2, 3, 1) if channels_last else x
     # (No shape unpacking: FX traces this function.)
-    x = x.unsqueeze(1) if shared_input else x.unflatten(1, (num_experts, -1))  # [B, E or 1, c, h, w]
-    x = F.pad(x, (0, 0, 0, 0, pad, pad))
+    blocks = maps.unsqueeze(dim) if shared_input else maps.unflatten(dim, (num_experts, -1))  # E or 1 blocks
+    blocks = F.pad(blocks, (0, 0) * (3 - dim) + (pad, pad))  # each block's channels, on both sides
     if shared_input:
-        x = x.expand(-1, num_experts, -1, -1, -1)
-    return x.flatten(1, 2)
-
-
-def _padded_blocks_channels_last(
-    x: torch.Tensor, num_experts: int, pad: int, shared_input: bool
-) -> torch.Tensor:
-    """Option A's shortcut for channels-last maps, in that layout: in NHWC terms each expert's channel block
-    is padded along the last dimension. (The 5-D pad of the NCHW path returns NCHW maps; added to the
-    block's channels-last output, that is a mixed-layout add, 4x as slow on the CPU for the first block of
-    ``ride_resnet32_4e``'s layer 2 at batch 128.)"""
-    nhwc = x.permute(0, 2, 3, 1)  # [B, h, w, C], a view
-    blocks = (
-        nhwc.unsqueeze(3) if shared_input else nhwc.unflatten(3, (num_experts, -1))
-    )  # [B, h, w, E or 1, c]
-    out = F.pad(blocks, (pad, pad))
-    if shared_input:
-        out = out.expand(-1, -1, -1, num_experts, -1)
-    return out.flatten(3).permute(0, 3, 1, 2)  # [B, E * (c + 2 pad), h, w], channels-last
+        sizes = [-1] * 5
+        sizes[dim] = num_experts
+        blocks = blocks.expand(*sizes)
+    out = blocks.flatten(dim, dim + 1)
+    return out.permute(0, 3, 1, 2) if channels_last else out
 
 
 def _block(
