@@ -215,8 +215,8 @@ class GraphedRouting:
             raise RuntimeError("CUDA graphs need a CUDA device; use record=False on this machine")
         key = (tuple(x.shape), x.dtype, tuple(x.stride()), x.device, record)
         # Without cuDNN's fused epilogue: graph capture turns it off (its operators have not been checked
-        # under capture), and the eager mode (record=False) computes alike. Without it, the experts run one
-        # by one here keep their batch norms as modules on CUDA (fused_experts.folding_pays).
+        # under capture), and the eager mode (record=False) computes alike. So on CUDA the experts, run one
+        # by one here, keep their batch norms as modules (fused_experts.folding_pays).
         with torch.inference_mode(), cudnn_epilogue(False):
             cascade = self._state.get(key)
             if cascade is None:

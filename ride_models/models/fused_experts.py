@@ -34,9 +34,9 @@ __all__ = [
     "cudnn_epilogue",
     "folded_blocks",
     "folded_conv_bn",
+    "folding_pays",
     "forget_folded_weights",
     "fused_expert_stages",
-    "folding_pays",
     "fusing_pays",
     "kept",
 ]
