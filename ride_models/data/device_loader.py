@@ -13,6 +13,7 @@ neighbour, zero fill), then ``(x / 255 - mean) / std``.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -227,8 +228,17 @@ def dataset_images(dataset: LongTailDataset) -> np.ndarray:
         return dataset.images
     if not isinstance(dataset, ImageListDataset):
         raise TypeError(f"expected an ArrayDataset or ImageListDataset, got {type(dataset).__name__}")
-    with ThreadPoolExecutor() as pool:  # PIL releases the GIL while decoding
-        arrays = list(pool.map(lambda i: np.asarray(dataset.load_image(i)), range(len(dataset))))
+    # One contiguous share of the files per thread: a task per image spent more time handing out tasks and
+    # waiting for the GIL than decoding (PIL releases it only while it decodes; CIFAR's 10,000 test JPEGs
+    # took 3.1 s that way, 2.0 to 2.4 s in shares, 2-core CPU).
+    count, workers = len(dataset), os.cpu_count() or 1
+    share = -(-count // workers)
+
+    def decode(start: int) -> list[np.ndarray]:
+        return [np.asarray(dataset.load_image(i)) for i in range(start, min(start + share, count))]
+
+    with ThreadPoolExecutor(workers) as pool:
+        arrays = [array for part in pool.map(decode, range(0, count, share or 1)) for array in part]
     sizes = {a.shape for a in arrays}
     if len(sizes) != 1:
         raise ValueError(
