@@ -15,12 +15,16 @@
 * The fast path: the training set lives on the GPU as uint8 and is augmented there
   (``DeviceDataLoader``: crop, flip, rotation, as the official loader); the experts run in one pass
   (grouped convolutions); bf16 autocast and channels-last; the whole step (forward, loss, backward, SGD)
-  replayed as a CUDA graph (``ride_models.cuda_graph``). ``--fused auto`` times both expert passes on a
-  throw-away copy of the model for a few steps and keeps the faster.
+  replayed as a CUDA graph (``ride_models.cuda_graph``). ``--fused auto`` (the default) takes the library's
+  choice (``fusing_pays``: one pass on CUDA for these basic-block experts); ``--fused time`` times both
+  expert passes on throw-away copies of the model for a few steps and keeps the faster (seconds of the
+  run's time: two more models to record and tune cuDNN for).
 * Reported: top-1 and many/medium/few on the 10,000 CIFAR-10 test images (CIFAR-10-LT at ratio 100 has no
   few-shot class: 8 many, 2 medium), and the wall-clock seconds from the start of the script, data
   loading, graph recording and evaluation included. ``--eval-every N`` adds the test accuracy every N
-  epochs (``curve`` in the JSON; its evaluations count in the total, not in the training time).
+  epochs (``curve`` in the JSON; its evaluations count in the total, not in the training time). Beside
+  each evaluation, ``flip`` holds the same with test-time flipping (each image's logits added to those of
+  its mirror image): an experiment, not the recipe's evaluation.
 
 ``--epochs N`` shortens the schedule proportionally (milestones, DRW epoch; warm-up min(5, N // 40)).
 ``--lr`` and ``--full-width`` are experiments away from the official recipe (for CIFAR-10-LT, the authors
@@ -36,6 +40,7 @@ import json
 import sys
 import time
 import zipfile
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +60,8 @@ from ride_models.data.datasets import CIFAR10_CLASSES  # noqa: E402
 from ride_models.data.transforms import SMALL_IMAGE_CONFIGS  # noqa: E402
 from ride_models.engine import make_step, train_one_epoch  # noqa: E402
 from ride_models.losses import create_loss  # noqa: E402
-from ride_models.metrics import evaluate  # noqa: E402
+from ride_models.metrics import evaluate, per_class_accuracy, shot_accuracy  # noqa: E402
+from ride_models.models.fused_experts import can_fuse, fusing_pays  # noqa: E402
 from ride_models.scheduler import lr_at_epoch  # noqa: E402
 from ride_models.training import PRESETS, build_optimizer, check_device  # noqa: E402
 
@@ -168,6 +174,34 @@ def run_epoch(step, batches, optimizer, epoch: int, device: torch.device, amp_dt
     )  # fmt: skip
 
 
+def flip_predictions(model, loader, device: torch.device, amp_dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(predicted, true)`` classes ``[N]`` of all experts with test-time flipping: each image's logits
+    added to those of its mirror image (two forward passes)."""
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+    predictions, targets = [], []
+    was_training = model.training
+    model.eval()
+    try:
+        with model.routing_scope("all"), torch.no_grad(), autocast:
+            for x, y in loader:
+                x = x.to(device).contiguous(memory_format=torch.channels_last)
+                logits = model(x).float() + model(x.flip(3).contiguous(memory_format=torch.channels_last))
+                predictions.append(logits.argmax(dim=1))
+                targets.append(y)
+    finally:
+        model.train(was_training)
+    return torch.cat(predictions).cpu(), torch.cat(targets).cpu()
+
+
+def flip_accuracy(model, loader, class_counts, device: torch.device, amp_dtype) -> dict:
+    """Top-1 and many / medium with test-time flipping (``flip_predictions``). An experiment beside the
+    recipe's evaluation (which ``top1`` reports, as the official code and LDAM-DRW do), not part of it."""
+    prediction, target = flip_predictions(model, loader, device, amp_dtype)
+    shots = shot_accuracy(per_class_accuracy(prediction, target, len(class_counts)), class_counts)
+    top1 = (prediction == target).double().mean().item() * 100.0
+    return dict(top1=round(top1, 2), many=round(shots["many"], 2), medium=round(shots["medium"], 2))
+
+
 def time_expert_pass(model, loss_fn, recipe, loader, device, amp_dtype, cuda_graph, steps: int = 32) -> dict:
     """Seconds per step of the fused and the per-expert pass, on throw-away copies of the model."""
     times = {}
@@ -197,7 +231,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--epochs", type=_positive, default=200)
     parser.add_argument("--model", default="ride_resnet32_4e")
     parser.add_argument("--amp", choices=("bf16", "none"), default=None, help="default: bf16 on CUDA")
-    parser.add_argument("--fused", choices=("auto", "on", "off"), default="auto")
+    parser.add_argument(
+        "--fused", choices=("auto", "time", "on", "off"), default="auto",
+        help="the experts' pass: the library's choice (auto), the faster of both, timed (time), fused (on), "
+        "one by one (off)",
+    )  # fmt: skip
     parser.add_argument("--no-cuda-graph", action="store_true", help="eager steps on CUDA")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -252,11 +290,14 @@ def main(argv=None) -> dict:
         "ldam_diversity", class_counts, drw_epoch=recipe["drw_epoch"], **recipe["loss_kwargs"]
     ).to(device)
 
-    if args.fused == "auto":
+    if args.fused == "time":
         train_loader.set_epoch(0)
         times = time_expert_pass(model, loss_fn, recipe, train_loader, device, amp_dtype, cuda_graph)
         fused = times["fused"] <= times["per_expert"]
         print("expert pass, ms per step: " + ", ".join(f"{k} {v * 1e3:.2f}" for k, v in times.items()))
+    elif args.fused == "auto":  # the model's own per-call choice, for these maps (channels-last, training)
+        fused = fusing_pays(list(model.experts), device.type, True, channels_last=True)
+        fused = fused and can_fuse(list(model.experts), True)
     else:
         fused = args.fused == "on"
     model.set_fused_experts(fused)
@@ -269,8 +310,9 @@ def main(argv=None) -> dict:
             model, test_loader, class_counts=class_counts, device=device, routing="all",
             amp_dtype=amp_dtype, channels_last=True,
         )  # fmt: skip
+        flipped = flip_accuracy(model, test_loader, class_counts, device, amp_dtype)
         curve.append(dict(epoch=epoch, top1=round(result.top1, 2), many=round(result.many_top1, 2),
-                          medium=round(result.medium_top1, 2)))  # fmt: skip
+                          medium=round(result.medium_top1, 2), flip=flipped))  # fmt: skip
         return result
 
     eval_seconds = 0.0
@@ -288,8 +330,9 @@ def main(argv=None) -> dict:
             eval_start = time.perf_counter()
             evaluate_on_test(epoch)
             eval_seconds += time.perf_counter() - eval_start
-            print(f"epoch {epoch}: test top-1 {curve[-1]['top1']:.2f} (many {curve[-1]['many']:.2f} / "
-                  f"medium {curve[-1]['medium']:.2f})")  # fmt: skip
+            point = curve[-1]
+            print(f"epoch {epoch}: test top-1 {point['top1']:.2f} (many {point['many']:.2f} / medium "
+                  f"{point['medium']:.2f}); with test-time flipping {point['flip']['top1']:.2f}")  # fmt: skip
     train_seconds = time.perf_counter() - train_start - eval_seconds
 
     result = evaluate_on_test(recipe["epochs"])
@@ -302,6 +345,7 @@ def main(argv=None) -> dict:
         graphs_recorded=getattr(step, "recordings", None),
         top1=round(result.top1, 2), many=round(result.many_top1, 2), medium=round(result.medium_top1, 2),
         few=None if np.isnan(result.few_top1) else round(result.few_top1, 2),
+        flip=curve[-1]["flip"],
         data_seconds=round(data_seconds, 1), train_seconds=round(train_seconds, 1),
         total_seconds=round(total, 1),
         train_images_per_s=round(len(train_targets) * recipe["epochs"] / train_seconds),
@@ -312,7 +356,9 @@ def main(argv=None) -> dict:
         f"epochs, lr {recipe['lr']:g} on {device_name}: "
         f"top-1 {out['top1']:.2f} "
         f"(many {out['many']:.2f} / medium {out['medium']:.2f} / few: no class) in {total:.1f} s end to end "
-        f"(data {data_seconds:.1f} s, training {train_seconds:.1f} s, {out['train_images_per_s']} img/s)"
+        f"(data {data_seconds:.1f} s, training {train_seconds:.1f} s, {out['train_images_per_s']} img/s); "
+        f"with test-time flipping {out['flip']['top1']:.2f} (many {out['flip']['many']:.2f} / medium "
+        f"{out['flip']['medium']:.2f})"
     )
     if args.json:
         args.json.write_text(json.dumps(out, indent=2) + "\n")

@@ -220,15 +220,73 @@ def test_speedrun_prints_an_accuracy_curve(speedrun, monkeypatch, tmp_path, caps
     monkeypatch.setattr(
         speedrun.timm, "create_model", lambda *a, **k: created.append(k) or create_model(*a, **k)
     )
-    argv = "--device cpu --epochs 3 --eval-every 2 --fused on --lr 0.05 --full-width --json".split()
+    argv = "--device cpu --epochs 3 --eval-every 2 --lr 0.05 --full-width --json".split()
     out = speedrun.main([*argv, str(tmp_path / "r.json")])
     assert out["lr"] == 0.05 and out["full_width"] and created[0]["planes"] == (16, 32, 64)
+    assert out["fused_experts"] is False  # --fused auto: the library picks one by one for channels-last CPU
     assert [point["epoch"] for point in out["curve"]] == [2, 3]
     assert out["curve"][-1]["top1"] == out["top1"]
+    assert out["flip"] == out["curve"][-1]["flip"] and set(out["flip"]) == {"top1", "many", "medium"}
     assert json.loads((tmp_path / "r.json").read_text())["curve"] == out["curve"]
     printed = capsys.readouterr().out
     assert (
         "epoch 2: test top-1" in printed and "ride_resnet32_4e (full width), 3 epochs, lr 0.05 on" in printed
+    )
+
+
+def test_speedrun_flip_predictions_average_each_image_with_its_mirror_image(speedrun):
+    # Both views enter the sum: the predictions are the same for the images and for their mirror images
+    # (exactly: the two logits are added in either order); for left-right symmetric images they are the
+    # plain forward's; and flip_accuracy scores them.
+    import contextlib
+
+    from ride_models.data import DeviceDataLoader
+    from ride_models.data.transforms import SMALL_IMAGE_CONFIGS
+
+    class Pixels(torch.nn.Module):
+        """Logits linear in the pixels (an untrained RIDE model predicts one class for all noise images)."""
+
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(3 * 32 * 32, 10)
+
+        def forward(self, x):
+            return self.fc(x.flatten(1))
+
+        @contextlib.contextmanager
+        def routing_scope(self, mode):
+            assert mode == "all"
+            yield
+
+    torch.manual_seed(0)
+    config = SMALL_IMAGE_CONFIGS["cifar10_lt"]
+    model = Pixels().train()
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    symmetric = torch.cat([images[..., :16], images[..., :16].flip(3)], dim=3)
+    targets = torch.arange(64) % 10
+    cpu = torch.device("cpu")
+
+    def loader(x):
+        return DeviceDataLoader(x, targets, 16, config, train=False)
+
+    def plain(x):
+        with torch.no_grad():
+            return torch.cat([model(b) for b, _ in loader(x)]).argmax(dim=1)
+
+    predicted, true = speedrun.flip_predictions(model, loader(images), cpu, None)
+    assert torch.equal(true, targets) and model.training  # the model is given back in train mode
+    assert torch.equal(speedrun.flip_predictions(model, loader(images.flip(3)), cpu, None)[0], predicted)
+    assert not torch.equal(predicted, plain(images))  # the mirror images changed some predictions
+    assert len(predicted.unique()) > 1
+    assert torch.equal(speedrun.flip_predictions(model, loader(symmetric), cpu, None)[0], plain(symmetric))
+
+    counts = [300, 200, 150, 110, 90, 60, 30, 25, 10, 5]  # many > 100 (classes 0-3), medium 20..100 (4-7)
+    hits = (predicted == targets).double()
+    per_class = [hits[targets == c].mean().item() * 100 for c in range(10)]
+    assert speedrun.flip_accuracy(model, loader(images), counts, cpu, None) == dict(
+        top1=round(hits.mean().item() * 100, 2),
+        many=round(sum(per_class[:4]) / 4, 2),
+        medium=round(sum(per_class[4:8]) / 4, 2),
     )
 
 
