@@ -17,7 +17,8 @@
 #      epilogue brings routed ride_resnet50_3e up to timm's resnet50, and whether torch.compile brings its
 #      bf16 training to 2.5x the official fp32 step and 1.2x the official bf16 one;
 #   2. with what is left (a speed run needs about 200 s): PARTS=speedrun_wide (whether full-width experts
-#      at lr 0.05 reach 80 % within 3 minutes), else speedrun_fp32 or r32.
+#      at lr 0.05 reach 80 % within 3 minutes), else speedrun_fp32 or r32. Every speed run also reports its
+#      accuracy with test-time flipping (an experiment beside the recipe's evaluation).
 #   tests           the CUDA tests: CUDA-graph training steps and routed inference against eager runs,
 #                   the device-resident loader, inference (folded or not, fused or not, routed) and grad
 #                   checkpointing against the CPU, cuDNN's fused epilogue against the step-by-step folding,
