@@ -348,17 +348,20 @@ def main(argv=None) -> dict:
         flip=curve[-1]["flip"],
         data_seconds=round(data_seconds, 1), train_seconds=round(train_seconds, 1),
         total_seconds=round(total, 1),
+        curve_seconds=round(eval_seconds, 1),  # the --eval-every evaluations, part of total_seconds
         train_images_per_s=round(len(train_targets) * recipe["epochs"] / train_seconds),
         curve=curve,
     )  # fmt: skip
+    timing = f"data {data_seconds:.1f} s, training {train_seconds:.1f} s, {out['train_images_per_s']} img/s"
+    if eval_seconds:
+        timing += f", the curve's evaluations {eval_seconds:.1f} s"
     print(
         f"CIFAR-10-LT r100, {args.model}{' (full width)' if args.full_width else ''}, {recipe['epochs']} "
         f"epochs, lr {recipe['lr']:g} on {device_name}: "
         f"top-1 {out['top1']:.2f} "
         f"(many {out['many']:.2f} / medium {out['medium']:.2f} / few: no class) in {total:.1f} s end to end "
-        f"(data {data_seconds:.1f} s, training {train_seconds:.1f} s, {out['train_images_per_s']} img/s); "
-        f"with test-time flipping {out['flip']['top1']:.2f} (many {out['flip']['many']:.2f} / medium "
-        f"{out['flip']['medium']:.2f})"
+        f"({timing}); with test-time flipping {out['flip']['top1']:.2f} (many {out['flip']['many']:.2f} / "
+        f"medium {out['flip']['medium']:.2f})"
     )
     if args.json:
         args.json.write_text(json.dumps(out, indent=2) + "\n")

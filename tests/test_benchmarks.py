@@ -227,11 +227,13 @@ def test_speedrun_prints_an_accuracy_curve(speedrun, monkeypatch, tmp_path, caps
     assert [point["epoch"] for point in out["curve"]] == [2, 3]
     assert out["curve"][-1]["top1"] == out["top1"]
     assert out["flip"] == out["curve"][-1]["flip"] and set(out["flip"]) == {"top1", "many", "medium"}
+    assert 0 < out["curve_seconds"] <= out["total_seconds"] - out["train_seconds"]
     assert json.loads((tmp_path / "r.json").read_text())["curve"] == out["curve"]
     printed = capsys.readouterr().out
     assert (
         "epoch 2: test top-1" in printed and "ride_resnet32_4e (full width), 3 epochs, lr 0.05 on" in printed
     )
+    assert "the curve's evaluations" in printed and "with test-time flipping" in printed
 
 
 def test_speedrun_flip_predictions_average_each_image_with_its_mirror_image(speedrun):
