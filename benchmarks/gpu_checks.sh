@@ -45,6 +45,9 @@
 #                   fastest fp32 with it); about 60 s on an H200
 #   r50_profile     ride_resnet50_3e inference and routed inference, bf16, the same variants and CUDA-graph
 #                   routing, with a profile of every case (where the time goes); about 40 s
+#   r32_profile     the speed run's training step (ride_resnet32_4e, batch 128, bf16, channels-last, eager and
+#                   from a CUDA graph) with a profile of each: whether its 7 ms are the kernels' own time or
+#                   gaps between them, and which kernels (what full-width experts would add); about 40 s
 #   epilogue        benchmarks/conv_epilogue.py: bias, ReLU and residual add after a convolution, separately
 #                   or in cuDNN's fused epilogue; about 30 s
 #   r50_compile_train  ride_resnet50_3e training under torch.compile, bf16, channels-last, beside the official
@@ -108,6 +111,12 @@ for part in $PARTS; do
             --plain-epilogue --cuda-graph --profile 3 --seconds 0.2 --repeats 2 --warmup 1 \
             --json "$OUT/throughput_r50_profile.json" 2>&1 | tee "$OUT/throughput_r50_profile.txt" \
             | grep -E '^\| (ours|official|timm)|Error|error'
+        ;;
+    r32_profile)
+        timeout "${THROUGHPUT_S:-200}" python3 benchmarks/throughput.py --device cuda --models ride_resnet32_4e \
+            --modes train --precision bf16 --channels-last --cuda-graph --baseline none --profile 3 \
+            --seconds 0.2 --repeats 2 --warmup 1 --json "$OUT/throughput_r32_profile.json" 2>&1 \
+            | tee "$OUT/throughput_r32_profile.txt" | grep -E '^\| ours|Error|error'
         ;;
     epilogue)
         timeout "${EPILOGUE_S:-60}" python3 benchmarks/conv_epilogue.py 2>&1 | tee "$OUT/conv_epilogue.txt"
