@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import io
 import json
 import sys
 import time
@@ -45,7 +46,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torchvision.io import ImageReadMode, decode_jpeg
+from PIL import Image
 
 _ROOT = Path(__file__).resolve().parent.parent
 if str(_ROOT) not in sys.path:  # run from a clone without installing
@@ -86,17 +87,14 @@ def _open(data_dir: Path, split: str):
 
 
 def _decode(read, names: list[str]) -> np.ndarray:
-    """``[N, H, W, 3]`` uint8: the JPEG files, decoded in one call of torchvision's batched decoder.
+    """``[N, H, W, 3]`` uint8: the JPEG files, decoded one after the other in this thread.
 
-    Its loop over the files runs in C++, where for 32 x 32 images a per-image
-    ``PIL.Image.open(...).convert("RGB")`` spends most of its time in Python, and threads mostly wait for the
-    GIL: the speed run's 22,406 images load in 1.8 s instead of 6.1 s from a 16-thread PIL pool (2-core CPU,
-    reading the archives included). The pixels are PIL's (both use libjpeg-turbo; ``tests/test_benchmarks.py``
-    compares them with the library's loader).
+    For 32 x 32 JPEGs most of ``PIL.Image.open(...).convert("RGB")``'s time is Python, so threads mostly wait
+    for the GIL: on the 2-core CPU the speed run's 22,406 images load in 3.2 to 3.6 s this way, against 6.5
+    to 6.8 s from a 16-thread pool (reading the archives included; three runs each). torchvision's batched
+    ``decode_jpeg`` took 1.8 s, but torchvision 0.29 deprecates its image decoding.
     """
-    blobs = [torch.frombuffer(bytearray(read(name)), dtype=torch.uint8) for name in names]
-    images = decode_jpeg(blobs, mode=ImageReadMode.RGB)  # [3, H, W] each
-    return torch.stack(images).permute(0, 2, 3, 1).contiguous().numpy()
+    return np.stack([np.asarray(Image.open(io.BytesIO(read(name))).convert("RGB")) for name in names])
 
 
 def load_cifar10_lt(data_dir: Path, ratio: float = 100, seed: int = 0):
