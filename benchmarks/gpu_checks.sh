@@ -12,13 +12,15 @@
 # an H200: tests about 80 s (before the epilogue, --cuda-graph and --torchcompile tests), r32 and r50 about
 # 60 s each, r50_profile 40 s, epilogue 30 s, a speed run 165 s; the compile parts have not run yet. By what
 # they can decide, the next session's calls:
-#   1. PARTS="tests epilogue r50 r50_compile_train" (about 8 to 9 minutes, timeout_s 590): the code paths
-#      never run on a GPU (cuDNN's fused epilogue, train.py --cuda-graph and --torchcompile), whether the
-#      epilogue brings routed ride_resnet50_3e up to timm's resnet50, and whether torch.compile brings its
-#      bf16 training to 2.5x the official fp32 step and 1.2x the official bf16 one;
+#   1. TESTS_K="not torchcompile" COMPILE_S=240 PARTS="tests epilogue r50 r50_compile_train" (about 7
+#      minutes, timeout_s 540): the code paths never run on a GPU (cuDNN's fused epilogue, train.py
+#      --cuda-graph; train.py --torchcompile is left out, a compilation of its own), whether the epilogue
+#      brings routed ride_resnet50_3e up to timm's resnet50, and whether torch.compile brings its bf16
+#      training to 2.5x the official fp32 step and 1.2x the official bf16 one;
 #   2. with what is left (a speed run needs about 200 s): PARTS=speedrun_wide (whether full-width experts
-#      at lr 0.05 reach 80 % within 3 minutes), else speedrun_fp32 or r32. Every speed run also reports its
-#      accuracy with test-time flipping (an experiment beside the recipe's evaluation).
+#      at lr 0.05 reach 80 % within 3 minutes), then r32_profile if 60 s remain, else speedrun_fp32 or r32.
+#      Every speed run also reports its accuracy with test-time flipping (an experiment beside the
+#      recipe's evaluation).
 #   tests           the CUDA tests: CUDA-graph training steps and routed inference against eager runs,
 #                   the device-resident loader, inference (folded or not, fused or not, routed) and grad
 #                   checkpointing against the CPU, cuDNN's fused epilogue against the step-by-step folding,
