@@ -249,18 +249,33 @@ def _cat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def _batch_norm(x: torch.Tensor, bns: Sequence[nn.BatchNorm2d]) -> torch.Tensor:
-    """Each expert's batch norm on its channel block; in training, its running statistics updated too."""
+    """Each expert's batch norm on its channel block; in training, its running statistics updated too.
+
+    The running means and variances are concatenated in one ``torch.cat`` and written back in one
+    ``_foreach_copy_``: in a training step each of these is a kernel launch per batch norm for a few hundred
+    numbers, which on a GPU costs about as much as a large kernel. (Weights and biases keep a ``torch.cat``
+    each: slices of one concatenation would cost more in the backward pass, a zero-filled gradient and a
+    copy per slice.)
+    """
     first = bns[0]
-    weight = torch.cat([bn.weight for bn in bns])
-    bias = torch.cat([bn.bias for bn in bns])
-    running_mean = torch.cat([bn.running_mean for bn in bns])
-    running_var = torch.cat([bn.running_var for bn in bns])
-    out = F.batch_norm(x, running_mean, running_var, weight, bias, first.training, first.momentum, first.eps)
-    if first.training:
+    if len(bns) == 1:  # one expert: its own tensors, nothing to gather or write back
+        out = F.batch_norm(
+            x, first.running_mean, first.running_var, first.weight, first.bias, first.training,
+            first.momentum, first.eps,
+        )  # fmt: skip
+        if first.training:
+            with torch.no_grad():
+                first.num_batches_tracked.add_(1)
+        return out
+    channels = sum(bn.num_features for bn in bns)
+    weight, bias = torch.cat([bn.weight for bn in bns]), torch.cat([bn.bias for bn in bns])
+    statistics = torch.cat([bn.running_mean for bn in bns] + [bn.running_var for bn in bns])
+    mean, var = statistics[:channels], statistics[channels:]
+    out = F.batch_norm(x, mean, var, weight, bias, first.training, first.momentum, first.eps)
+    if first.training:  # batch_norm updated the running statistics in ``statistics``, in place
         with torch.no_grad():
-            sizes = [bn.num_features for bn in bns]
-            torch._foreach_copy_([bn.running_mean for bn in bns], list(running_mean.split(sizes)))
-            torch._foreach_copy_([bn.running_var for bn in bns], list(running_var.split(sizes)))
+            buffers = [bn.running_mean for bn in bns] + [bn.running_var for bn in bns]
+            torch._foreach_copy_(buffers, list(statistics.split([b.numel() for b in buffers])))
             torch._foreach_add_([bn.num_batches_tracked for bn in bns], 1)
     return out
 
