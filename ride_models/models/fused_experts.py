@@ -252,10 +252,9 @@ def _batch_norm(x: torch.Tensor, bns: Sequence[nn.BatchNorm2d]) -> torch.Tensor:
     """Each expert's batch norm on its channel block; in training, its running statistics updated too.
 
     The running means and variances are concatenated in one ``torch.cat`` and written back in one
-    ``_foreach_copy_``: in a training step each of these is a kernel launch per batch norm for a few hundred
-    numbers, which on a GPU costs about as much as a large kernel. (Weights and biases keep a ``torch.cat``
-    each: slices of one concatenation would cost more in the backward pass, a zero-filled gradient and a
-    copy per slice.)
+    ``_foreach_copy_``: on CUDA each of these is a kernel launch per batch norm and training step, for a few
+    hundred numbers. (Weights and biases keep a ``torch.cat`` each: slices of one concatenation would cost
+    more in the backward pass, a zero-filled gradient and a copy per slice.)
     """
     first = bns[0]
     if len(bns) == 1:  # one expert: its own tensors, nothing to gather or write back
