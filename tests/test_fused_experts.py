@@ -157,10 +157,15 @@ def test_the_default_fuses_where_it_was_measured_faster():
     model = timm.create_model("ride_resnet32_2e")
     assert model.fused_experts is None  # the default: decided per call
     maps = torch.randn(2, 16, 8, 8)
-    assert model._use_fused(maps)
-    assert not model._use_fused(maps.contiguous(memory_format=torch.channels_last))
+    assert model.uses_fused_experts(maps)
+    assert not model.uses_fused_experts(maps.contiguous(memory_format=torch.channels_last))
     model.set_fused_experts(False)
-    assert model.fused_experts is False
+    assert model.fused_experts is False and not model.uses_fused_experts(maps)
+    model.set_fused_experts(True)
+    assert model.uses_fused_experts(maps.contiguous(memory_format=torch.channels_last))
+    model.set_grad_checkpointing(True)
+    assert not model.uses_fused_experts(maps)  # training: checkpoint_blocks runs the experts' modules
+    assert model.eval().uses_fused_experts(maps)  # eval mode: nothing to recompute
 
 
 # ------------------------------------------------------------------ batch norm folded in eval mode

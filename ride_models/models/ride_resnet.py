@@ -739,7 +739,7 @@ class RIDEResNet(nn.Module):
         """The final maps of the first ``num_experts`` experts, concatenated: ``[B, k * D, h, w]``."""
         shared = self.forward_shared(x)
         if not torch.jit.is_scripting():
-            if self._use_fused(shared):
+            if self.uses_fused_experts(shared):
                 return self._fused_maps(shared, num_experts)
             if self._fold_experts(shared, num_experts):
                 return torch.cat([self._run_expert(i, shared, True) for i in range(num_experts)], dim=1)
@@ -760,7 +760,12 @@ class RIDEResNet(nn.Module):
         return self.grad_checkpointing and torch.is_grad_enabled()
 
     @torch.jit.unused
-    def _use_fused(self, x: torch.Tensor) -> bool:
+    def uses_fused_experts(self, x: torch.Tensor) -> bool:
+        """Whether a forward on ``x`` in the model's current mode runs the experts in one pass: the choice of
+        :meth:`set_fused_experts`, or with None (the default) the per-call choice for ``x``'s device and
+        memory format (``fusing_pays``), where the pass computes what the loop computes (``can_fuse``) and
+        gradient checkpointing does not apply. ``x``: the images (or the shared maps; the trunk keeps
+        their device and memory format)."""
         if isinstance(x, torch.fx.Proxy):  # FX traces the per-expert modules (feature extraction names them)
             return False
         if self.training and self._checkpointing():  # checkpoint_blocks over the experts' modules
@@ -1010,7 +1015,7 @@ class RIDEResNet(nn.Module):
             x = self._folded_stage(x, stage) if fold else self._module_stage(x, stage)
             if level in take:
                 intermediates.append(x)
-        fused = not torch.jit.is_scripting() and self._use_fused(x)
+        fused = not torch.jit.is_scripting() and self.uses_fused_experts(x)
         fold = not fused and not torch.jit.is_scripting() and self._fold_experts(x, self.num_experts)
         stage_names = [name for name, _ in self.experts[0].named_children()]
         maps = [x] * self.num_experts
