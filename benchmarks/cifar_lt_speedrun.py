@@ -15,8 +15,8 @@
 * The fast path: the training set lives on the GPU as uint8 and is augmented there
   (``DeviceDataLoader``: crop, flip, rotation, as the official loader); the experts run in one pass
   (grouped convolutions); bf16 autocast and channels-last; the whole step (forward, loss, backward, SGD)
-  replayed as a CUDA graph (``ride_models.cuda_graph``). ``--fused auto`` (the default) takes the library's
-  choice (``fusing_pays``: one pass on CUDA for these basic-block experts); ``--fused time`` times both
+  replayed as a CUDA graph (``ride_models.cuda_graph``). ``--fused auto`` (the default) takes the model's
+  choice (``uses_fused_experts``: one pass on CUDA for these basic-block experts); ``--fused time`` times both
   expert passes on throw-away copies of the model for a few steps and keeps the faster (seconds of the
   run's time: two more models to record and tune cuDNN for).
 * Reported: top-1 and many/medium/few on the 10,000 CIFAR-10 test images (CIFAR-10-LT at ratio 100 has no
@@ -61,8 +61,7 @@ from ride_models.data.datasets import CIFAR10_CLASSES  # noqa: E402
 from ride_models.data.transforms import SMALL_IMAGE_CONFIGS  # noqa: E402
 from ride_models.engine import make_step, train_one_epoch  # noqa: E402
 from ride_models.losses import create_loss  # noqa: E402
-from ride_models.metrics import evaluate, per_class_accuracy, shot_accuracy  # noqa: E402
-from ride_models.models.fused_experts import can_fuse, fusing_pays  # noqa: E402
+from ride_models.metrics import per_class_accuracy, shot_accuracy  # noqa: E402
 from ride_models.scheduler import lr_at_epoch  # noqa: E402
 from ride_models.training import PRESETS, build_optimizer, check_device  # noqa: E402
 
@@ -172,32 +171,34 @@ def run_epoch(step, batches, optimizer, epoch: int, device: torch.device, amp_dt
     )  # fmt: skip
 
 
-def flip_predictions(model, loader, device: torch.device, amp_dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(predicted, true)`` classes ``[N]`` of all experts with test-time flipping: each image's logits
-    added to those of its mirror image (two forward passes)."""
+def test_predictions(model, loader, device: torch.device, amp_dtype) -> tuple[torch.Tensor, ...]:
+    """``(plain, flipped, true)`` classes ``[N]``, in one pass over ``loader``: all experts' prediction (the
+    recipe's evaluation) and the same with test-time flipping (each image's logits added to those of its
+    mirror image; two forward passes per batch, the plain one shared)."""
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
-    predictions, targets = [], []
+    plain, flipped, targets = [], [], []
     was_training = model.training
     model.eval()
     try:
         with model.routing_scope("all"), torch.no_grad(), autocast:
             for x, y in loader:
                 x = x.to(device).contiguous(memory_format=torch.channels_last)
-                logits = model(x).float() + model(x.flip(3).contiguous(memory_format=torch.channels_last))
-                predictions.append(logits.argmax(dim=1))
+                logits = model(x).float()
+                plain.append(logits.argmax(dim=1))
+                mirror = model(x.flip(3).contiguous(memory_format=torch.channels_last))
+                flipped.append((logits + mirror).argmax(dim=1))
                 targets.append(y)
     finally:
         model.train(was_training)
-    return torch.cat(predictions).cpu(), torch.cat(targets).cpu()
+    return torch.cat(plain).cpu(), torch.cat(flipped).cpu(), torch.cat(targets).cpu()
 
 
-def flip_accuracy(model, loader, class_counts, device: torch.device, amp_dtype) -> dict:
-    """Top-1 and many / medium with test-time flipping (``flip_predictions``). An experiment beside the
-    recipe's evaluation (which ``top1`` reports, as the official code and LDAM-DRW do), not part of it."""
-    prediction, target = flip_predictions(model, loader, device, amp_dtype)
-    shots = shot_accuracy(per_class_accuracy(prediction, target, len(class_counts)), class_counts)
-    top1 = (prediction == target).double().mean().item() * 100.0
-    return dict(top1=round(top1, 2), many=round(shots["many"], 2), medium=round(shots["medium"], 2))
+def scores(predicted: torch.Tensor, true: torch.Tensor, class_counts) -> dict:
+    """Top-1 and many / medium / few (None for a split without classes), in percent, rounded to 0.01: the
+    library's metrics (``ride_models.metrics``, as ``evaluate`` and validate.py compute them)."""
+    shots = shot_accuracy(per_class_accuracy(predicted, true, len(class_counts)), class_counts)
+    top1 = (predicted == true).double().mean().item() * 100.0
+    return dict(top1=round(top1, 2), **{k: None if np.isnan(v) else round(v, 2) for k, v in shots.items()})
 
 
 def time_expert_pass(model, loss_fn, recipe, loader, device, amp_dtype, cuda_graph, steps: int = 32) -> dict:
@@ -293,9 +294,9 @@ def main(argv=None) -> dict:
         times = time_expert_pass(model, loss_fn, recipe, train_loader, device, amp_dtype, cuda_graph)
         fused = times["fused"] <= times["per_expert"]
         print("expert pass, ms per step: " + ", ".join(f"{k} {v * 1e3:.2f}" for k, v in times.items()))
-    elif args.fused == "auto":  # the model's own per-call choice, for these maps (channels-last, training)
-        fused = fusing_pays(list(model.experts), device.type, True, channels_last=True)
-        fused = fused and can_fuse(list(model.experts), True)
+    elif args.fused == "auto":  # the model's own per-call choice for these images (channels-last, training)
+        images = torch.empty(1, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
+        fused = model.uses_fused_experts(images)
     else:
         fused = args.fused == "on"
     model.set_fused_experts(fused)
@@ -303,15 +304,13 @@ def main(argv=None) -> dict:
 
     curve: list = []  # the test accuracy after each evaluated epoch
 
-    def evaluate_on_test(epoch: int):
-        result = evaluate(
-            model, test_loader, class_counts=class_counts, device=device, routing="all",
-            amp_dtype=amp_dtype, channels_last=True,
-        )  # fmt: skip
-        flipped = flip_accuracy(model, test_loader, class_counts, device, amp_dtype)
-        curve.append(dict(epoch=epoch, top1=round(result.top1, 2), many=round(result.many_top1, 2),
-                          medium=round(result.medium_top1, 2), flip=flipped))  # fmt: skip
-        return result
+    def evaluate_on_test(epoch: int) -> dict:
+        """The recipe's evaluation, with the test-time flipping experiment under ``flip``."""
+        plain, flipped, true = test_predictions(model, test_loader, device, amp_dtype)
+        point = dict(epoch=epoch, **scores(plain, true, class_counts))
+        point["flip"] = scores(flipped, true, class_counts)
+        curve.append(point)
+        return point
 
     eval_seconds = 0.0
     train_start = time.perf_counter()
@@ -341,9 +340,8 @@ def main(argv=None) -> dict:
         full_width=args.full_width, device=device_name,
         torch=torch.__version__, amp=str(amp_dtype), fused_experts=fused, cuda_graph=cuda_graph,
         graphs_recorded=getattr(step, "recordings", None),
-        top1=round(result.top1, 2), many=round(result.many_top1, 2), medium=round(result.medium_top1, 2),
-        few=None if np.isnan(result.few_top1) else round(result.few_top1, 2),
-        flip=curve[-1]["flip"],
+        top1=result["top1"], many=result["many"], medium=result["medium"], few=result["few"],
+        flip=result["flip"],
         data_seconds=round(data_seconds, 1), train_seconds=round(train_seconds, 1),
         total_seconds=round(total, 1),
         curve_seconds=round(eval_seconds, 1),  # the --eval-every evaluations, part of total_seconds

@@ -226,7 +226,7 @@ def test_speedrun_prints_an_accuracy_curve(speedrun, monkeypatch, tmp_path, caps
     assert out["fused_experts"] is False  # --fused auto: the library picks one by one for channels-last CPU
     assert [point["epoch"] for point in out["curve"]] == [2, 3]
     assert out["curve"][-1]["top1"] == out["top1"]
-    assert out["flip"] == out["curve"][-1]["flip"] and set(out["flip"]) == {"top1", "many", "medium"}
+    assert out["flip"] == out["curve"][-1]["flip"] and set(out["flip"]) == {"top1", "many", "medium", "few"}
     assert 0 < out["curve_seconds"] <= out["total_seconds"] - out["train_seconds"]
     assert json.loads((tmp_path / "r.json").read_text())["curve"] == out["curve"]
     printed = capsys.readouterr().out
@@ -237,9 +237,9 @@ def test_speedrun_prints_an_accuracy_curve(speedrun, monkeypatch, tmp_path, caps
 
 
 def test_speedrun_flip_predictions_average_each_image_with_its_mirror_image(speedrun):
-    # Both views enter the sum: the predictions are the same for the images and for their mirror images
-    # (exactly: the two logits are added in either order); for left-right symmetric images they are the
-    # plain forward's; and flip_accuracy scores them.
+    # Both views enter the sum: the flipped predictions are the same for the images and for their mirror
+    # images (exactly: the two logits are added in either order); for left-right symmetric images they are
+    # the plain forward's, which the same pass returns; and scores scores them.
     import contextlib
 
     from ride_models.data import DeviceDataLoader
@@ -275,21 +275,46 @@ def test_speedrun_flip_predictions_average_each_image_with_its_mirror_image(spee
         with torch.no_grad():
             return torch.cat([model(b) for b, _ in loader(x)]).argmax(dim=1)
 
-    predicted, true = speedrun.flip_predictions(model, loader(images), cpu, None)
+    unflipped, predicted, true = speedrun.test_predictions(model, loader(images), cpu, None)
     assert torch.equal(true, targets) and model.training  # the model is given back in train mode
-    assert torch.equal(speedrun.flip_predictions(model, loader(images.flip(3)), cpu, None)[0], predicted)
+    assert torch.equal(unflipped, plain(images))
+    assert torch.equal(speedrun.test_predictions(model, loader(images.flip(3)), cpu, None)[1], predicted)
     assert not torch.equal(predicted, plain(images))  # the mirror images changed some predictions
     assert len(predicted.unique()) > 1
-    assert torch.equal(speedrun.flip_predictions(model, loader(symmetric), cpu, None)[0], plain(symmetric))
+    assert torch.equal(speedrun.test_predictions(model, loader(symmetric), cpu, None)[1], plain(symmetric))
 
     counts = [300, 200, 150, 110, 90, 60, 30, 25, 10, 5]  # many > 100 (classes 0-3), medium 20..100 (4-7)
     hits = (predicted == targets).double()
     per_class = [hits[targets == c].mean().item() * 100 for c in range(10)]
-    assert speedrun.flip_accuracy(model, loader(images), counts, cpu, None) == dict(
+    assert speedrun.scores(predicted, true, counts) == dict(
         top1=round(hits.mean().item() * 100, 2),
         many=round(sum(per_class[:4]) / 4, 2),
         medium=round(sum(per_class[4:8]) / 4, 2),
+        few=round(sum(per_class[8:]) / 2, 2),
     )
+    assert speedrun.scores(predicted, true, counts[:8] + [20, 20])["few"] is None  # no few-shot class
+
+
+def test_speedrun_scores_its_plain_predictions_as_evaluate_does(speedrun):
+    # The recipe's figures come from the speed run's own pass (shared with the flipped one): the same
+    # numbers as the library's evaluate (validate.py's) on a RIDE model.
+    from ride_models.data import DeviceDataLoader
+    from ride_models.data.transforms import SMALL_IMAGE_CONFIGS
+    from ride_models.metrics import evaluate
+
+    torch.manual_seed(0)
+    model = timm.create_model("ride_resnet32_2e", num_classes=10)
+    pixels = torch.randn(3 * 32 * 32, 10)
+    model.forward = lambda x: x.flatten(1) @ pixels  # varied predictions (an untrained model gives one class)
+    images = torch.randint(0, 256, (96, 3, 32, 32), dtype=torch.uint8)
+    targets = torch.arange(96) % 10
+    loader = DeviceDataLoader(images, targets, 32, SMALL_IMAGE_CONFIGS["cifar10_lt"], train=False)
+    counts = [300, 200, 150, 110, 90, 60, 30, 25, 10, 5]
+    plain, _, true = speedrun.test_predictions(model, loader, torch.device("cpu"), None)
+    assert len(plain.unique()) > 2 and not torch.equal(plain, true)
+    result = evaluate(model, loader, class_counts=counts, routing="all", channels_last=True)
+    expected = [result.top1, result.many_top1, result.medium_top1, result.few_top1]
+    assert list(speedrun.scores(plain, true, counts).values()) == [round(v, 2) for v in expected]
 
 
 def test_unfolded_rows_compare_routing_with_all_experts_computed_alike(throughput, tmp_path):
