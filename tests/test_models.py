@@ -235,8 +235,9 @@ def test_cosine_heads_keep_their_unit_weights_only_while_they_are_unchanged():
 
 def test_grad_checkpointing_gives_the_same_gradients():
     torch.manual_seed(1)
-    # Checkpointing runs the experts one by one; compare it with the same loop without checkpointing.
-    model = timm.create_model("ride_resnet32_2e", fused_experts=False).train()
+    # Checkpointing runs the experts one by one; compare it with the same loop without checkpointing (in
+    # turn, as checkpointing runs them: side by side, each kernel on one thread, can round differently).
+    model = timm.create_model("ride_resnet32_2e", fused_experts=False, parallel_experts=False).train()
     x = torch.randn(4, 3, 32, 32)
     model(x).sum().backward()
     grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}

@@ -62,6 +62,7 @@ from ride_models.models.fused_experts import (
     fusing_pays,
     kept,
 )
+from ride_models.models.parallel_experts import parallel_expert_maps, parallelizing_pays
 from ride_models.router import ExpertRouter
 
 __all__ = [
@@ -407,6 +408,10 @@ class RIDEResNet(nn.Module):
             concatenated channels (``ride_models.models.fused_experts``); False runs the experts one by one;
             None (the default) picks per call where measurements showed the fused pass faster. The same
             outputs and the same state dict either way; see :meth:`set_fused_experts`.
+        parallel_experts: In training on the CPU, run the experts side by side, each in its own thread
+            (forward and backward; ``ride_models.models.parallel_experts``), wherever they would run one
+            by one and at least 2 intra-op threads are set (True, the default); False never. See
+            :meth:`set_parallel_experts`.
         fold_bn: In eval mode, fold each batch norm into the convolution before it: one pass over the
             maps instead of two. The folded weights follow the current weights and statistics (kept
             between forwards that record no gradient for them, until one changes). The same outputs up
@@ -436,6 +441,7 @@ class RIDEResNet(nn.Module):
         global_pool: str = "avg",
         fused_experts: Optional[bool] = None,
         fold_bn: bool = True,
+        parallel_experts: bool = True,
     ) -> None:
         super().__init__()
         if len(layers) not in (3, 4) or len(planes) != len(layers):
@@ -456,6 +462,7 @@ class RIDEResNet(nn.Module):
         self.router_top_k = router_top_k
         self.grad_checkpointing = False
         self.fused_experts = fused_experts
+        self.parallel_experts = bool(parallel_experts)
         self.fold_bn = fold_bn
         self.expert_training = False
         self.router_training = False
@@ -596,6 +603,21 @@ class RIDEResNet(nn.Module):
         loop.
         """
         self.fused_experts = None if enable is None else bool(enable)
+
+    @torch.jit.ignore
+    def set_parallel_experts(self, enable: bool = True) -> None:
+        """In training on the CPU, run the experts side by side, each in its own thread, wherever that
+        applies (True, the default), or always one after the other (False).
+
+        It applies where the experts would run one by one (:meth:`uses_fused_experts` is False: on the CPU,
+        channels-last maps by default), autograd records, at least 2 intra-op threads are set
+        (``torch.set_num_threads``) and nothing needs the modules called one by one (gradient
+        checkpointing, hooks inside the experts, stochastic depth). The same outputs, gradients and
+        running statistics up to float rounding. Its backward frees the experts' graphs: a second backward
+        through the same forward (``retain_graph=True``) or a gradient of the gradient needs
+        ``set_parallel_experts(False)``.
+        """
+        self.parallel_experts = bool(enable)
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.ModuleList:
@@ -743,6 +765,8 @@ class RIDEResNet(nn.Module):
                 return self._fused_maps(shared, num_experts)
             if self._fold_experts(shared, num_experts):
                 return torch.cat([self._run_expert(i, shared, True) for i in range(num_experts)], dim=1)
+            if self._parallel(shared, num_experts):
+                return parallel_expert_maps(shared, list(self.experts)[:num_experts])
         maps: List[torch.Tensor] = []
         for i, expert in enumerate(self.experts):
             if i < num_experts:
@@ -751,6 +775,17 @@ class RIDEResNet(nn.Module):
                 else:
                     maps.append(expert(shared))
         return torch.cat(maps, dim=1)
+
+    @torch.jit.unused
+    def _parallel(self, shared: torch.Tensor, num_experts: int) -> bool:
+        """Whether this forward runs the experts side by side (:meth:`set_parallel_experts`); asked only
+        where they would otherwise run one by one."""
+        if not self.parallel_experts or not self.training or isinstance(shared, torch.fx.Proxy):
+            return False
+        if self._checkpointing() or is_exporting():
+            return False
+        experts = list(self.experts)[:num_experts]
+        return parallelizing_pays(shared, num_experts) and can_fuse(experts, training=True)
 
     @torch.jit.unused
     def _checkpointing(self) -> bool:
