@@ -123,7 +123,8 @@ OFFICIAL = {
 BASELINE = "resnet50"
 ROW_KEYS = (
     "label", "impl", "model", "family", "num_experts", "mode", "routing", "route_shares", "batch",
-    "precision", "channels_last", "compiled", "fused", "fold_bn", "cudnn_epilogue", "cuda_graph",
+    "precision", "channels_last", "compiled", "fused", "parallel_experts", "fold_bn", "cudnn_epilogue",
+    "cuda_graph",
     "images_per_s", "ms_per_iter", "images_per_s_rounds", "iters_per_round", "macs_per_image",
     "experts_per_image", "realized_shares",
     "profile", "ratio_vs_official", "ratio_vs_official_shipped", "ratio_vs_all_experts", "ratio_vs_resnet50",
@@ -189,6 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="our models: a row with the experts fused, one with them run one by one (their modules called) "
         "and one with the library's choice (auto)",
+    )
+    p.add_argument(
+        "--parallel-both",
+        action="store_true",
+        help="our training rows on the CPU: also a row with the experts run one after the other "
+        "(set_parallel_experts(False)) beside the default, side by side in threads where they run one by one",
     )
     p.add_argument(
         "--unfolded",
@@ -501,6 +508,7 @@ class Case:
     step: Callable[[], Any]
     compiled: bool = False
     fused: Optional[bool] = None
+    parallel_experts: Optional[bool] = None  # our CPU training: the experts side by side in threads
     fold_bn: Optional[bool] = None  # our inference: batch norm folded into the convolutions
     cudnn_epilogue: Optional[bool] = None  # our folded inference on CUDA: bias, ReLU, add in cuDNN's epilogue
     cuda_graph: bool = False
@@ -571,17 +579,23 @@ class Bench:
     # ------------------------------------------------------------------------ training steps
     def train_ours(
         self, spec: ModelSpec, precision: str, channels_last: bool, fused: Optional[bool] = None,
-        cuda_graph: bool = False,
+        cuda_graph: bool = False, parallel: bool = True,
     ) -> Case:  # fmt: skip
         preset = preset_args(spec)
         model = self.place(create_ours(spec, fused), channels_last)
         model.train()
         model.set_expert_training(True)
+        model.set_parallel_experts(parallel)
         optimizer = build_optimizer(model, preset.lr, preset.weight_decay, preset.momentum)
         loss_fn = build_loss(preset, class_counts(spec)).to(self.device)
         loss_fn.set_epoch(self.args.loss_epoch)
         module = torch.compile(model) if self.args.compile else model
         x, y = self.inputs(spec, self.batch_size(spec, "train"), channels_last)
+        # Where the experts run one by one on the CPU: side by side in threads (set_parallel_experts), or in
+        # turn (with one intra-op thread, or compiled: one graph); None where they run fused or on a GPU.
+        side_by_side = None
+        if x.device.type == "cpu" and spec.num_experts >= 2 and not model.uses_fused_experts(x):
+            side_by_side = parallel and torch.get_num_threads() >= 2 and not self.args.compile
 
         forward_loss = make_step("experts", module, loss_fn)  # train.py's forward pass and loss
         if cuda_graph:
@@ -606,6 +620,7 @@ class Bench:
             f"ours {spec.name}", "ours", spec, "train", precision,
             channels_last, step, compiled=self.args.compile, fused=fused_state(model), cuda_graph=cuda_graph,
             macs_per_image=float(self.breakdown(spec).all_experts), experts_per_image=float(spec.num_experts),
+            parallel_experts=side_by_side,
         )  # fmt: skip
 
     def train_official(self, spec: ModelSpec, precision: str, channels_last: bool) -> Case:
@@ -815,6 +830,10 @@ def build_cases(args: argparse.Namespace, bench: Bench, precisions: List[str]) -
                 if spec.impl == "ours":
                     for fused in [True, False, None] if args.fused_both else [args.fused]:
                         cases.append(getattr(bench, f"{mode}_ours")(spec, precision, channels_last, fused))
+                        if mode == "train" and args.parallel_both and bench.device.type == "cpu":
+                            cases.append(
+                                bench.train_ours(spec, precision, channels_last, fused, parallel=False)
+                            )
                         if mode == "infer" and args.unfolded:
                             cases.append(
                                 bench.infer_ours(spec, precision, channels_last, fused, fold_bn=False)
@@ -963,6 +982,7 @@ def _row(case: Case, device: torch.device) -> Dict[str, Any]:
         channels_last=case.channels_last,
         compiled=case.compiled,
         fused=case.fused,
+        parallel_experts=case.parallel_experts,
         fold_bn=case.fold_bn,
         cudnn_epilogue=case.cudnn_epilogue,
         cuda_graph=case.cuda_graph,
@@ -1031,6 +1051,11 @@ def row_label(r: Dict[str, Any]) -> str:
     """A row's model label with how it ran: compiled, fused or not, batch norm folded or not, CUDA graph."""
     notes = ["compiled"] if r["compiled"] else []
     notes += [FUSED[r["fused"]]] if r["impl"] == "ours" else []
+    notes += (
+        [{True: "experts side by side", False: "experts in turn"}[r["parallel_experts"]]]
+        if r.get("parallel_experts") is not None
+        else []
+    )
     notes += ["BN not folded"] if r["fold_bn"] is False else []
     notes += ["no cuDNN epilogue"] if r.get("cudnn_epilogue") is False else []
     notes += ["CUDA graph"] if r["cuda_graph"] else []

@@ -317,6 +317,19 @@ def test_speedrun_scores_its_plain_predictions_as_evaluate_does(speedrun):
     assert list(speedrun.scores(plain, true, counts).values()) == [round(v, 2) for v in expected]
 
 
+def test_parallel_both_rows_train_side_by_side_and_in_turn(throughput, tmp_path):
+    argv = ["--device", "cpu", "--models", "ride_resnet32_2e", "--modes", "train", "--channels-last"]
+    argv += ["--parallel-both", "--threads", "2", "--batch-size", "4", "--warmup", "1", "--iters", "1"]
+    rows = throughput.main(argv + ["--repeats", "1", "--json", str(tmp_path / "t.json")])["rows"]
+    assert [r["parallel_experts"] for r in rows] == [True, False]
+    assert [throughput.row_label(r) for r in rows] == [
+        "ours ride_resnet32_2e (auto, experts side by side)",
+        "ours ride_resnet32_2e (auto, experts in turn)",
+    ]
+    fused = throughput.main(argv + ["--fused", "--repeats", "1"])["rows"]
+    assert [r["parallel_experts"] for r in fused] == [None, None]  # one pass: neither
+
+
 def test_unfolded_rows_compare_routing_with_all_experts_computed_alike(throughput, tmp_path):
     argv = ["--device", "cpu", "--models", "ride_resnet32_2e", "--modes", "infer", "routed", "--unfolded"]
     argv += ["--batch-size", "4", "--warmup", "1", "--iters", "1", "--repeats", "1", "--route-shares", "0.5"]
