@@ -1,8 +1,8 @@
 """The experts side by side on the CPU's cores: each expert's forward and backward in its own thread.
 
 On a CPU the experts' layers are small (a CIFAR ResNet-32 expert is 24 to 48 channels on 16 x 16 and
-8 x 8 maps), and one operator spread over the cores gains little: on the 2-core development machines an
-expert's training pass ran about 1.4x faster on 2 threads than on 1. The experts are independent
+8 x 8 maps), and one operator spread over the cores gains little: on a 2-core development machine
+``ride_resnet32_4e``'s training step ran about 1.4x faster on 2 threads than on 1. The experts are independent
 between the shared maps and the classifiers, so E experts can instead run on the cores side by side, one
 thread each. :func:`parallel_expert_maps` does that for a training forward: the experts run in worker
 threads (each building its own autograd graph from a detached copy of the shared maps), and in the
@@ -24,19 +24,21 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from ride_models.models.fused_experts import _graphing
+
 __all__ = ["parallel_expert_maps", "parallelizing_pays"]
 
 
 def parallelizing_pays(x: torch.Tensor, num_experts: int) -> bool:
     """Whether the experts' training pass on ``x`` runs side by side (see the module's docstring): on the
-    CPU, with at least 2 intra-op threads and 2 experts, when autograd records."""
+    CPU, with at least 2 intra-op threads and 2 experts, when autograd records, outside compiling, export
+    and tracing (a graph runs the modules' operators in turn)."""
     return (
         x.device.type == "cpu"
         and num_experts >= 2
         and torch.get_num_threads() >= 2
         and torch.is_grad_enabled()
-        and not torch.compiler.is_compiling()
-        and not torch.jit.is_tracing()
+        and not _graphing()
     )
 
 
@@ -88,8 +90,12 @@ class _ParallelExperts(torch.autograd.Function):
     def forward(
         ctx, shared: torch.Tensor, experts: Sequence[nn.Module], *params: torch.Tensor
     ) -> torch.Tensor:
+        # ``params``: the experts' parameters, inputs of this node so that backward hands autograd their
+        # gradients (accumulated in the caller's thread, hooks and DDP included); the workers read them
+        # through the modules.
         threads = torch.get_num_threads()
         workers = min(threads, len(experts))
+        threads_each = max(1, threads // workers)
         groups = _groups(len(experts), workers)
         inputs = [shared.detach().requires_grad_(shared.requires_grad) for _ in groups]
 
@@ -97,11 +103,9 @@ class _ParallelExperts(torch.autograd.Function):
             return lambda: [experts[e](inputs[w]) for e in groups[w]]
 
         with torch.enable_grad():  # autograd does not record inside a Function's forward; the workers do
-            outputs = _run_threads([expert_pass(w) for w in range(workers)], max(1, threads // workers))
-        ctx.groups, ctx.inputs, ctx.outputs = groups, inputs, outputs
+            outputs = _run_threads([expert_pass(w) for w in range(workers)], threads_each)
+        ctx.groups, ctx.inputs, ctx.outputs, ctx.threads_each = groups, inputs, outputs, threads_each
         ctx.params = [[p for e in group for p in experts[e].parameters()] for group in groups]
-        ctx.threads_each = max(1, threads // workers)
-        ctx.num_params = len(params)
         return torch.cat([o.detach() for group in outputs for o in group], dim=1)
 
     @staticmethod

@@ -782,7 +782,7 @@ class RIDEResNet(nn.Module):
         where they would otherwise run one by one."""
         if not self.parallel_experts or not self.training or isinstance(shared, torch.fx.Proxy):
             return False
-        if self._checkpointing() or is_exporting():
+        if self._checkpointing():
             return False
         experts = list(self.experts)[:num_experts]
         return parallelizing_pays(shared, num_experts) and can_fuse(experts, training=True)
