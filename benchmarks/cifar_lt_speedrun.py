@@ -171,7 +171,7 @@ def run_epoch(step, batches, optimizer, epoch: int, device: torch.device, amp_dt
     )  # fmt: skip
 
 
-def test_predictions(model, loader, device: torch.device, amp_dtype) -> tuple[torch.Tensor, ...]:
+def predict_test_set(model, loader, device: torch.device, amp_dtype) -> tuple[torch.Tensor, ...]:
     """``(plain, flipped, true)`` classes ``[N]``, in one pass over ``loader``: all experts' prediction (the
     recipe's evaluation) and the same with test-time flipping (each image's logits added to those of its
     mirror image; two forward passes per batch, the plain one shared)."""
@@ -306,7 +306,7 @@ def main(argv=None) -> dict:
 
     def evaluate_on_test(epoch: int) -> dict:
         """The recipe's evaluation, with the test-time flipping experiment under ``flip``."""
-        plain, flipped, true = test_predictions(model, test_loader, device, amp_dtype)
+        plain, flipped, true = predict_test_set(model, test_loader, device, amp_dtype)
         point = dict(epoch=epoch, **scores(plain, true, class_counts))
         point["flip"] = scores(flipped, true, class_counts)
         curve.append(point)

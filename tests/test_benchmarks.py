@@ -275,13 +275,13 @@ def test_speedrun_flip_predictions_average_each_image_with_its_mirror_image(spee
         with torch.no_grad():
             return torch.cat([model(b) for b, _ in loader(x)]).argmax(dim=1)
 
-    unflipped, predicted, true = speedrun.test_predictions(model, loader(images), cpu, None)
+    unflipped, predicted, true = speedrun.predict_test_set(model, loader(images), cpu, None)
     assert torch.equal(true, targets) and model.training  # the model is given back in train mode
     assert torch.equal(unflipped, plain(images))
-    assert torch.equal(speedrun.test_predictions(model, loader(images.flip(3)), cpu, None)[1], predicted)
+    assert torch.equal(speedrun.predict_test_set(model, loader(images.flip(3)), cpu, None)[1], predicted)
     assert not torch.equal(predicted, plain(images))  # the mirror images changed some predictions
     assert len(predicted.unique()) > 1
-    assert torch.equal(speedrun.test_predictions(model, loader(symmetric), cpu, None)[1], plain(symmetric))
+    assert torch.equal(speedrun.predict_test_set(model, loader(symmetric), cpu, None)[1], plain(symmetric))
 
     counts = [300, 200, 150, 110, 90, 60, 30, 25, 10, 5]  # many > 100 (classes 0-3), medium 20..100 (4-7)
     hits = (predicted == targets).double()
@@ -310,7 +310,7 @@ def test_speedrun_scores_its_plain_predictions_as_evaluate_does(speedrun):
     targets = torch.arange(96) % 10
     loader = DeviceDataLoader(images, targets, 32, SMALL_IMAGE_CONFIGS["cifar10_lt"], train=False)
     counts = [300, 200, 150, 110, 90, 60, 30, 25, 10, 5]
-    plain, _, true = speedrun.test_predictions(model, loader, torch.device("cpu"), None)
+    plain, _, true = speedrun.predict_test_set(model, loader, torch.device("cpu"), None)
     assert len(plain.unique()) > 2 and not torch.equal(plain, true)
     result = evaluate(model, loader, class_counts=counts, routing="all", channels_last=True)
     expected = [result.top1, result.many_top1, result.medium_top1, result.few_top1]
