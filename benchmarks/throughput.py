@@ -53,13 +53,14 @@ paper gives no routed cost for (ResNet-10, ResNeXt-50) are skipped with a note.
 Timing: cudnn.benchmark on GPU; ``--warmup`` iterations first (at least 1; compilation included), then
 ``--repeats`` rounds; in each round every case runs ``--iters`` iterations (or as many as fill
 ``--seconds``), with ``torch.cuda.synchronize()`` before and after on GPU. The rounds interleave all
-cases, so drift of a shared machine spreads over all of them; images/s is the median over the rounds.
-Ratios compare rows of the same mode, batch, precision and memory format measured in this process: ours /
-official of the same family and expert count, and against timm's ``resnet50`` for 224x224 models. With
-``--shipped-official``, the official code is also measured as it ships (fp32, contiguous NCHW: it has no
-autocast and no channels-last option), and each of our rows gets a second ratio, "ours / official as
-shipped", against that row of the same mode and batch: what a user gains by switching, our fast path
-(channels-last, bf16, CUDA graphs) included.
+cases, so drift of a shared machine spreads over all of them; images/s is the median over the rounds, and
+a ratio between two rows is the median of the ratios of their rounds (each pair ran moments apart, so the
+machine's drift between rounds cancels). Ratios compare rows of the same mode, batch, precision and memory
+format measured in this process: ours / official of the same family and expert count, and against timm's
+``resnet50`` for 224x224 models. With ``--shipped-official``, the official code is also measured as it
+ships (fp32, contiguous NCHW: it has no autocast and no channels-last option), and each of our rows gets
+a second ratio, "ours / official as shipped", against that row of the same mode and batch: what a user
+gains by switching, our fast path (channels-last, bf16, CUDA graphs) included.
 
 ``--compile`` compiles our models and timm's (which a timm user compiles with ``--torchcompile``), not
 the official ones, which have no such option; only ours take ``--fused/--no-fused``. Routed inference is
@@ -1002,6 +1003,16 @@ def _row(case: Case, device: torch.device) -> Dict[str, Any]:
     )
 
 
+def speed_ratio(row: Dict[str, Any], other: Dict[str, Any]) -> float:
+    """How many times faster ``row`` ran than ``other``: the median of the ratios of their rounds, where both
+    have the same number of rounds (the rounds interleave the cases, so each pair ran moments apart and a
+    machine whose speed drifts between rounds moves both alike); the ratio of their medians otherwise."""
+    mine, theirs = row.get("images_per_s_rounds") or [], other.get("images_per_s_rounds") or []
+    if mine and len(mine) == len(theirs):
+        return statistics.median(a / b for a, b in zip(mine, theirs))
+    return row["images_per_s"] / other["images_per_s"]
+
+
 def add_ratios(rows: List[Dict[str, Any]], baseline: str) -> None:
     def key(row: Dict[str, Any], **change: Any) -> tuple:
         row = {**row, **change}
@@ -1018,26 +1029,25 @@ def add_ratios(rows: List[Dict[str, Any]], baseline: str) -> None:
     for row in rows:
         by_impl.setdefault(group(row, row["impl"]), {})[key(row)] = row
     for row in rows:
-        ips = row["images_per_s"]
         if row["impl"] == "ours":
             official = by_impl.get("official EA" if row["mode"] == "routed" else "official", {})
             other = official.get(key(row))
             if other:
-                row["ratio_vs_official"] = ips / other["images_per_s"]
+                row["ratio_vs_official"] = speed_ratio(row, other)
             shipped = official.get(key(row, precision="fp32", channels_last=False))
             if shipped:
-                row["ratio_vs_official_shipped"] = ips / shipped["images_per_s"]
+                row["ratio_vs_official_shipped"] = speed_ratio(row, shipped)
         if row["mode"] == "routed":
             same = by_impl.get(group(row, row["impl"].replace(" EA", "")), {}).get(
                 key(row, mode="infer", route_shares=None)
             )
             if same:
-                row["ratio_vs_all_experts"] = ips / same["images_per_s"]
+                row["ratio_vs_all_experts"] = speed_ratio(row, same)
         if row["model"] != baseline and row["family"] not in (None, "resnet32"):
             mode = "infer" if row["mode"] == "routed" else row["mode"]
             base = by_impl.get("timm", {}).get(key(row, model=baseline, mode=mode, route_shares=None))
             if base:
-                row["ratio_vs_resnet50"] = ips / base["images_per_s"]
+                row["ratio_vs_resnet50"] = speed_ratio(row, base)
 
 
 def _fmt(value: Optional[float], spec: str) -> str:

@@ -143,6 +143,23 @@ def test_ratios_pair_rows_of_the_same_format_and_the_shipped_official(throughput
     assert rows[2]["ratio_vs_official_shipped"] is None  # only our rows get ratios
 
 
+def test_ratios_pair_the_rounds_that_ran_together(throughput):
+    def row(impl, rounds):
+        base = dict.fromkeys(throughput.ROW_KEYS)
+        base.update(impl=impl, model="ride_resnet32_4e", family="resnet32", mode="train", batch=128,
+                    precision="fp32", channels_last=False, images_per_s=sorted(rounds)[len(rounds) // 2],
+                    images_per_s_rounds=rounds)  # fmt: skip
+        return base
+
+    # The machine ran at half speed in the last two rounds: round by round ours is 1.2x the official, but
+    # the medians of the rounds (110 and 100) would give 1.1x.
+    rows = [row("ours", [120.0, 120.0, 110.0, 60.0, 60.0]), row("official", [100.0, 100, 100, 50, 50])]
+    throughput.add_ratios(rows, "resnet50")
+    assert rows[0]["ratio_vs_official"] == pytest.approx(1.2)
+    # Without rounds to pair (or not as many), the medians.
+    assert throughput.speed_ratio(dict(rows[0], images_per_s_rounds=[110.0]), rows[1]) == pytest.approx(1.1)
+
+
 def test_routed_rows_are_compared_with_all_experts_computed_the_same_way(throughput):
     def row(mode, fused, ips):
         base = dict.fromkeys(throughput.ROW_KEYS)
