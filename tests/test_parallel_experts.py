@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import platform
 
 import pytest
 import timm
@@ -60,14 +61,16 @@ def _step(model, x, y):
 @pytest.mark.parametrize("name", ["ride_resnet32_3e", "ride_resnet10_2e"])
 def test_side_by_side_training_equals_the_loop(name, two_threads, passes):
     # Outputs, every gradient and every running statistic as the loop computes them (float64), with 3
-    # experts on 2 threads (2 + 1) and with bottleneck-free ImageNet experts (shortcut B); and twice the
-    # same step gives the same gradients bit for bit (the shared maps' gradient is summed in a fixed order).
+    # experts on 2 threads (a worker each) and with bottleneck-free ImageNet experts (shortcut B); and twice
+    # the same step gives the same gradients bit for bit (the shared maps' gradient is summed in a fixed
+    # order).
     model, loop = _pair(name, fused_experts=False)
     size = 32 if "32" in name else 48
     x = torch.randn(6, 3, size, size, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
     y = torch.arange(6) % 7
     torch.testing.assert_close(_step(model, x, y), _step(loop, x, y), rtol=1e-10, atol=1e-10)
-    assert passes == [2, 2]  # one forward, one backward, each on 2 threads
+    experts = len(model.experts)
+    assert passes == [experts, experts]  # one forward, one backward, each with a worker per expert
     for (key, a), b in zip(model.named_parameters(), loop.parameters()):
         assert (a.grad is None) == (b.grad is None), key
         if a.grad is not None:
@@ -135,3 +138,25 @@ def test_an_error_in_a_worker_reaches_the_caller(two_threads):
     with pytest.raises(ValueError, match="broken expert"):
         model(x)
     assert torch.get_num_threads() == 2
+
+
+def test_the_first_side_by_side_pass_keeps_one_malloc_arena(two_threads, monkeypatch):
+    # Once per process, where the C library is glibc and the user has not set MALLOC_ARENA_MAX: the workers'
+    # maps come from the main arena, whose freed memory stays with the process.
+    calls = []
+    monkeypatch.setattr(parallel_experts, "_mallopt", lambda param, value: calls.append((param, value)))
+    monkeypatch.setattr(parallel_experts, "_arenas_limited", False)
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    model, _ = _pair("ride_resnet32_2e")
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    model(x).logits.sum().backward()
+    model(x)
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert calls == ([(parallel_experts.M_ARENA_MAX, 1)] if glibc else [])
+
+    calls.clear()
+    monkeypatch.setattr(parallel_experts, "_arenas_limited", False)
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")  # the user's choice stands
+    model(x)
+    assert calls == []
