@@ -23,9 +23,10 @@ Where the C library is glibc, the first side-by-side pass of a process limits it
 (``mallopt(M_ARENA_MAX, 1)``, what ``MALLOC_ARENA_MAX=1`` does at start-up), unless ``MALLOC_ARENA_MAX``
 or a ``glibc.malloc.arena_max`` tunable is set. Otherwise each worker allocates its expert's maps from
 an arena of its own, and glibc gives such an arena's freed memory back to the system at once: on a 2-core
-machine ``ride_resnet32_4e``'s step took 80,000 to 100,000 page faults (about 250 ms of the kernel's time)
-to fetch it again, and the experts side by side ran 0.99x to 1.06x the speed of the experts in turn; with
-one arena, about 10,000 faults and 1.07x to 1.16x. The main thread, and so code that allocates from it
+machine ``ride_resnet32_4e``'s step took 68,000 to 98,000 page faults (230 to 350 ms of the kernel's
+time) to fetch it again, and the experts side by side ran 0.94x to 1.06x the speed of the experts in turn;
+with one arena set at start-up, about 10,000 faults and 1.07x to 1.16x, and set by the first pass, 19,000
+to 37,000 faults and 1.07x to 1.14x. The main thread, and so code that allocates from it
 (as the experts in turn, or the official implementation, do), already uses the one arena.
 """
 
