@@ -15,9 +15,9 @@ The intra-op thread count (``torch.set_num_threads``) is split between the worke
 least 1 each) and restored after. There is one worker per expert also where the experts outnumber the
 threads: on 2 cores, with 3, 4 and 6 experts, one thread per expert trained ``ride_resnet32_{E}e`` 1.02x,
 1.10x and 1.05x faster than the experts in turn, and workers sharing them out (2 + 1, 2 + 2, 3 + 3) 0.86x,
-1.02x and 1.03x: 3 experts in 2 workers leave one core idle for a third of the pass, and a worker that
-waits (for the interpreter's lock, for memory) leaves its core to another. Worker threads live for one
-pass (no thread pool outlives a step, so forked data-loader workers find no stray threads).
+1.02x and 1.03x: 3 experts in 2 workers leave one core idle for a third of the pass, and (most likely) a
+worker that waits, for the interpreter's lock or for memory, leaves its core to another. Worker threads
+live for one pass (no thread pool outlives a step, so forked data-loader workers find no stray threads).
 
 Where the C library is glibc, the first side-by-side pass of a process limits its allocator to one arena
 (``mallopt(M_ARENA_MAX, 1)``, what ``MALLOC_ARENA_MAX=1`` does at start-up), unless ``MALLOC_ARENA_MAX``
@@ -26,8 +26,8 @@ an arena of its own, and glibc gives such an arena's freed memory back to the sy
 machine ``ride_resnet32_4e``'s step took 68,000 to 98,000 page faults (230 to 350 ms of the kernel's
 time) to fetch it again, and the experts side by side ran 0.94x to 1.06x the speed of the experts in turn;
 with one arena set at start-up, about 10,000 faults and 1.07x to 1.16x, and set by the first pass, 19,000
-to 37,000 faults and 1.07x to 1.14x. The main thread, and so code that allocates from it
-(as the experts in turn, or the official implementation, do), already uses the one arena.
+to 37,000 faults and 1.07x to 1.14x. The main thread allocates from glibc's main arena either way, so
+code that runs there (the experts in turn, the official implementation) is not affected.
 """
 
 from __future__ import annotations
