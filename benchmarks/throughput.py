@@ -103,6 +103,7 @@ from ride_models.data.sampling import long_tail_counts
 from ride_models.engine import make_step
 from ride_models.flops import count_macs
 from ride_models.models.fused_experts import cudnn_epilogue
+from ride_models.models.parallel_experts import parallelizing_pays
 from ride_models.training import build_loss, build_optimizer, check_device, parse_args, resolve_defaults
 
 # The paper's MACs per image with the router and the official counter's all-experts MACs (anchors README).
@@ -592,11 +593,12 @@ class Bench:
         loss_fn.set_epoch(self.args.loss_epoch)
         module = torch.compile(model) if self.args.compile else model
         x, y = self.inputs(spec, self.batch_size(spec, "train"), channels_last)
-        # Where the experts run one by one on the CPU: side by side in threads (set_parallel_experts), or in
-        # turn (with one intra-op thread, or compiled: one graph); None where they run fused or on a GPU.
+        # Where the experts run one by one on the CPU: side by side in threads (set_parallel_experts), where
+        # the library's condition holds, or in turn (one intra-op thread, or compiled: one graph); None where
+        # they run fused or on a GPU.
         side_by_side = None
         if x.device.type == "cpu" and spec.num_experts >= 2 and not model.uses_fused_experts(x):
-            side_by_side = parallel and torch.get_num_threads() >= 2 and not self.args.compile
+            side_by_side = parallel and not self.args.compile and parallelizing_pays(x, spec.num_experts)
 
         forward_loss = make_step("experts", module, loss_fn)  # train.py's forward pass and loss
         if cuda_graph:
