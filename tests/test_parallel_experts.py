@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
+import os
 import platform
+import subprocess
+import sys
 
 import pytest
 import timm
@@ -140,23 +143,50 @@ def test_an_error_in_a_worker_reaches_the_caller(two_threads):
     assert torch.get_num_threads() == 2
 
 
-def test_the_first_side_by_side_pass_keeps_one_malloc_arena(two_threads, monkeypatch):
-    # Once per process, where the C library is glibc and the user has not set MALLOC_ARENA_MAX: the workers'
-    # maps come from the main arena, whose freed memory stays with the process.
+GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
+def _tune_malloc_calls(monkeypatch, **env):
+    """The mallopt calls a first ``_tune_malloc`` makes with ``env`` set and no other malloc settings."""
     calls = []
     monkeypatch.setattr(parallel_experts, "_mallopt", lambda param, value: calls.append((param, value)))
-    monkeypatch.setattr(parallel_experts, "_arenas_limited", False)
-    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
-    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
-    model, _ = _pair("ride_resnet32_2e")
-    x = torch.randn(4, 3, 32, 32, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
-    model(x).logits.sum().backward()
-    model(x)
-    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
-    assert calls == ([(parallel_experts.M_ARENA_MAX, 1)] if glibc else [])
+    monkeypatch.setattr(parallel_experts, "_malloc_tuned", False)
+    for name in (*parallel_experts._USER_MALLOC_VARIABLES, "GLIBC_TUNABLES", "RIDE_MODELS_TUNE_MALLOC"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    parallel_experts._tune_malloc()
+    parallel_experts._tune_malloc()  # once per process
+    return calls
 
-    calls.clear()
-    monkeypatch.setattr(parallel_experts, "_arenas_limited", False)
-    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")  # the user's choice stands
-    model(x)
-    assert calls == []
+
+def test_malloc_is_tuned_once_unless_the_user_chose(monkeypatch):
+    # Where the C library is glibc: one arena, blocks up to 32 MiB from the heap, 256 MiB kept at its top.
+    expected = [(-8, 1), (-3, 32 << 20), (-1, 256 << 20)]
+    assert _tune_malloc_calls(monkeypatch) == (expected if GLIBC else [])
+    # The user's choices stand: any glibc malloc setting, or ours turned off.
+    assert _tune_malloc_calls(monkeypatch, MALLOC_ARENA_MAX="4") == []
+    assert _tune_malloc_calls(monkeypatch, MALLOC_TRIM_THRESHOLD_="131072") == []
+    assert _tune_malloc_calls(monkeypatch, GLIBC_TUNABLES="glibc.malloc.mmap_threshold=65536") == []
+    assert _tune_malloc_calls(monkeypatch, RIDE_MODELS_TUNE_MALLOC="0") == []
+    assert _tune_malloc_calls(monkeypatch, GLIBC_TUNABLES="glibc.rtld.optional_static_tls=2048") == (
+        expected if GLIBC else []
+    )
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc's allocator settings: Linux with glibc only")
+def test_importing_ride_models_keeps_torch_threads_in_one_malloc_arena():
+    # In a fresh process: imported before torch's first parallel operator, the worker threads of that
+    # operator (and later the experts' workers) allocate from glibc's main arena; malloc_stats lists it alone.
+    code = (
+        "import ctypes, sys, torch, ride_models, threading\n"
+        "torch.set_num_threads(2)\n"
+        "x = torch.randn(1 << 22).relu()\n"
+        "t = threading.Thread(target=lambda: torch.randn(1 << 20).sum()); t.start(); t.join()\n"
+        "sys.stderr.flush(); ctypes.CDLL(None).malloc_stats()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in parallel_experts._USER_MALLOC_VARIABLES}
+    env.pop("RIDE_MODELS_TUNE_MALLOC", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "Arena 0:" in out.stderr and "Arena 1:" not in out.stderr, out.stderr

@@ -19,15 +19,24 @@ threads: on 2 cores, with 3, 4 and 6 experts, one thread per expert trained ``ri
 worker that waits, for the interpreter's lock or for memory, leaves its core to another. Worker threads
 live for one pass (no thread pool outlives a step, so forked data-loader workers find no stray threads).
 
-Where the C library is glibc, the first side-by-side pass of a process limits its allocator to one arena
-(``mallopt(M_ARENA_MAX, 1)``, what ``MALLOC_ARENA_MAX=1`` does at start-up), unless ``MALLOC_ARENA_MAX``
-or a ``glibc.malloc.arena_max`` tunable is set. Otherwise each worker allocates its expert's maps from
-an arena of its own, and glibc gives such an arena's freed memory back to the system at once: on a 2-core
-machine ``ride_resnet32_4e``'s step took 68,000 to 98,000 page faults (230 to 350 ms of the kernel's
-time) to fetch it again, and the experts side by side ran 0.94x to 1.06x the speed of the experts in turn;
-with one arena set at start-up, about 10,000 faults and 1.07x to 1.16x, and set by the first pass, 19,000
-to 37,000 faults and 1.07x to 1.14x. The main thread allocates from glibc's main arena either way, so
-code that runs there (the experts in turn, the official implementation) is not affected.
+Where the C library is glibc, importing ``ride_models`` sets three of its allocator's settings for the
+process (``mallopt``, what ``MALLOC_ARENA_MAX=1 MALLOC_MMAP_THRESHOLD_=33554432
+MALLOC_TRIM_THRESHOLD_=268435456`` do at start-up): one arena for all threads, blocks up to 32 MiB from the
+heap, and up to 256 MiB of freed memory at the heap's top kept for reuse. With glibc's defaults each
+worker allocates its expert's maps from an arena of its own, which gives freed memory back to the system
+at once, and the main arena gives back what it frees at its top: the next step page-faults it all in
+again. On a 2-core AVX2 machine ``ride_resnet32_4e``'s side-by-side training step took 77,000 page faults
+with glibc's defaults and ran 0.99x the speed of the experts in turn; with one arena set by the first
+side-by-side pass (this module's earlier way), 39,000 and 44,000 faults and 1.11x and 1.07x in two
+processes, as arenas made before, such as the one of torch's second intra-op thread, are still shared with
+the workers; with all
+three set at import, 44 faults and 1.17x to 1.18x. The settings hold for the whole process: the official
+implementation measured beside ours in ``benchmarks/throughput.py`` runs under them too (it took 0 to
+7,000 faults a step either way). They are left as they are where the user has chosen any of them
+(``MALLOC_ARENA_MAX``, ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_TOP_PAD_``,
+``MALLOC_MMAP_MAX_`` or a ``glibc.malloc`` tunable in ``GLIBC_TUNABLES``) or set
+``RIDE_MODELS_TUNE_MALLOC=0``. Where torch ran a parallel operator before ``ride_models`` was imported,
+its intra-op threads keep arenas of their own; the variables above set before Python starts avoid that.
 """
 
 from __future__ import annotations
@@ -59,8 +68,17 @@ def parallelizing_pays(x: torch.Tensor, num_experts: int) -> bool:
     )
 
 
-M_ARENA_MAX = -8  # glibc's mallopt parameter (malloc.h)
-_arenas_limited = False
+# glibc's mallopt parameters (malloc.h) and the values set at import (see the module's docstring)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
+MALLOC_SETTINGS = ((M_ARENA_MAX, 1), (M_MMAP_THRESHOLD, 32 << 20), (M_TRIM_THRESHOLD, 256 << 20))
+_USER_MALLOC_VARIABLES = (
+    "MALLOC_ARENA_MAX",
+    "MALLOC_MMAP_THRESHOLD_",
+    "MALLOC_TRIM_THRESHOLD_",
+    "MALLOC_TOP_PAD_",
+    "MALLOC_MMAP_MAX_",
+)
+_malloc_tuned = False
 
 
 def _mallopt(param: int, value: int) -> bool:
@@ -71,17 +89,23 @@ def _mallopt(param: int, value: int) -> bool:
         return False
 
 
-def _limit_malloc_arenas() -> None:
-    """Once per process, before the first workers start: one malloc arena for all threads, where the C
-    library is glibc and the user has not chosen a count (see the module's docstring)."""
-    global _arenas_limited
-    if _arenas_limited:
+def _tune_malloc() -> None:
+    """Once per process, at import: glibc's allocator set for the workers' allocations (one arena, freed
+    memory kept; see the module's docstring), where the C library is glibc and the user has chosen none of
+    its settings nor ``RIDE_MODELS_TUNE_MALLOC=0``."""
+    global _malloc_tuned
+    if _malloc_tuned:
         return
-    _arenas_limited = True
-    if "MALLOC_ARENA_MAX" in os.environ or "arena_max" in os.environ.get("GLIBC_TUNABLES", ""):
+    _malloc_tuned = True
+    if os.environ.get("RIDE_MODELS_TUNE_MALLOC", "1") == "0":
+        return
+    if any(name in os.environ for name in _USER_MALLOC_VARIABLES):
+        return
+    if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
         return
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
-        _mallopt(M_ARENA_MAX, 1)
+        for param, value in MALLOC_SETTINGS:
+            _mallopt(param, value)
 
 
 def _run_threads(work: Sequence[Callable[[], Any]], threads_each: int) -> List[Any]:
@@ -131,7 +155,6 @@ class _ParallelExperts(torch.autograd.Function):
         def expert_pass(e: int) -> Callable[[], torch.Tensor]:
             return lambda: experts[e](inputs[e])
 
-        _limit_malloc_arenas()
         with torch.enable_grad():  # autograd does not record inside a Function's forward; the workers do
             outputs = _run_threads([expert_pass(e) for e in range(len(experts))], threads_each)
         ctx.inputs, ctx.outputs, ctx.threads_each = inputs, outputs, threads_each
@@ -178,3 +201,6 @@ def parallel_expert_maps(shared: torch.Tensor, experts: Sequence[nn.Module]) -> 
     (forward and backward); see the module's docstring."""
     params = [p for expert in experts for p in expert.parameters()]
     return _ParallelExperts.apply(shared, list(experts), *params)
+
+
+_tune_malloc()

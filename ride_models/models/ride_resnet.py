@@ -615,9 +615,9 @@ class RIDEResNet(nn.Module):
         checkpointing, hooks inside the experts, stochastic depth). The same outputs, gradients and
         running statistics up to float rounding. Its backward frees the experts' graphs: a second backward
         through the same forward (``retain_graph=True``) or a gradient of the gradient needs
-        ``set_parallel_experts(False)``. Where the C library is glibc, the first such pass of a process
-        limits malloc to one arena unless ``MALLOC_ARENA_MAX`` is set (``ride_models.models.parallel_experts``
-        says why).
+        ``set_parallel_experts(False)``. Where the C library is glibc, importing ``ride_models`` sets malloc
+        for these passes (one arena, freed memory kept for reuse) unless the user has chosen its settings or
+        ``RIDE_MODELS_TUNE_MALLOC=0``; ``ride_models.models.parallel_experts`` says why.
         """
         self.parallel_experts = bool(enable)
 
