@@ -187,6 +187,7 @@ def test_importing_ride_models_keeps_torch_threads_in_one_malloc_arena():
     )
     env = {k: v for k, v in os.environ.items() if k not in parallel_experts._USER_MALLOC_VARIABLES}
     env.pop("RIDE_MODELS_TUNE_MALLOC", None)
+    env.pop("GLIBC_TUNABLES", None)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "Arena 0:" in out.stderr and "Arena 1:" not in out.stderr, out.stderr

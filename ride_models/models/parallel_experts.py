@@ -29,12 +29,11 @@ again. On a 2-core AVX2 machine ``ride_resnet32_4e``'s side-by-side training ste
 with glibc's defaults and ran 0.99x the speed of the experts in turn; with one arena set by the first
 side-by-side pass (this module's earlier way), 39,000 and 44,000 faults and 1.11x and 1.07x in two
 processes, as arenas made before, such as the one of torch's second intra-op thread, are still shared with
-the workers; with all
-three set at import, 44 faults and 1.17x to 1.18x. The settings hold for the whole process: the official
-implementation measured beside ours in ``benchmarks/throughput.py`` runs under them too (it took 0 to
-7,000 faults a step either way). They are left as they are where the user has chosen any of them
-(``MALLOC_ARENA_MAX``, ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_TOP_PAD_``,
-``MALLOC_MMAP_MAX_`` or a ``glibc.malloc`` tunable in ``GLIBC_TUNABLES``) or set
+the workers; with all three set at import, 44 faults and 1.17x to 1.18x. The settings hold for the whole
+process: the official implementation measured beside ours in ``benchmarks/throughput.py`` runs under them
+too (it took 0 to 7,000 faults a step either way). They are left as they are where the user has chosen
+any of them (``MALLOC_ARENA_MAX``, ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``,
+``MALLOC_TOP_PAD_``, ``MALLOC_MMAP_MAX_`` or a ``glibc.malloc`` tunable in ``GLIBC_TUNABLES``) or set
 ``RIDE_MODELS_TUNE_MALLOC=0``. Where torch ran a parallel operator before ``ride_models`` was imported,
 its intra-op threads keep arenas of their own; the variables above set before Python starts avoid that.
 """
